@@ -1,0 +1,132 @@
+"""The `clinlens` command: serve, demo, make-data, train-default."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_STUDIES = "studies"
+
+
+def _conf_pairs(pairs) -> dict:
+    return {k: v for k, v in (pairs or [])}
+
+
+def _ensure_studies(path: str, seed: int = 0) -> None:
+    from clinlens.data.studies import make_studies
+
+    if path.startswith(("http://", "https://")):
+        return
+    make_studies(path, seed=seed)  # a fast no-op when the folder is already complete
+
+
+def cmd_make_data(a) -> int:
+    from clinlens.data.studies import make_studies
+
+    summary = make_studies(a.out, n_chest=a.n_chest, n_derm=a.n_derm, n_ct=a.n_ct,
+                           labelled_fraction=a.labelled_fraction, seed=a.seed)
+    print(f"studies ready in {a.out} ({len(summary['images'])} images)")
+    return 0
+
+
+def cmd_train_default(a) -> int:
+    from clinlens.trainers.default_clip import DEFAULTS, train_default
+
+    counts = dict(DEFAULTS["counts"])
+    if a.scale != 1.0:
+        counts = {k: max(2, int(v * a.scale)) for k, v in counts.items()}
+    if not a.region_only:
+        train_default(a.out, seed=a.seed, steps=a.steps, batch=a.batch, counts=counts, device=a.device)
+    if not a.skip_region:
+        from clinlens.trainers.region_seg import train_region_default
+
+        train_region_default(a.out, seed=a.seed, device=a.device)
+    return 0
+
+
+def banner(host: str, port: int, studies: str) -> str:
+    url = f"http://{host}:{port}"
+    return f"""
+clinlens is starting on {url} over {studies}
+  3D Slicer : install the MONAI Label extension, open its module, set server = {url},
+              click the refresh button, pick an image ("Next Sample") and a model.
+  OHIF      : {url}/ohif/ (needs a DICOMweb datastore: load studies/dicom/* into Orthanc and
+              run `clinlens serve --studies http://127.0.0.1:8042/dicom-web`).
+  API       : {url}/docs   (GET /info/, POST /infer/<model>?image=<id>)
+Stop with Ctrl-C.
+"""
+
+
+def cmd_serve(a) -> int:
+    from clinlens.server import server_command, server_env
+
+    _ensure_studies(a.studies)
+    cmd = server_command(a.studies if "://" in a.studies else os.path.abspath(a.studies), a.host, a.port,
+                         _conf_pairs(a.conf))
+    print(banner(a.host, a.port, a.studies), flush=True)
+    env = server_env()
+    os.execvpe(cmd[0], cmd, env)
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from clinlens.demo import run_demo
+
+    _ensure_studies(a.studies)
+    report = run_demo(a.studies, a.out, conf=_conf_pairs(a.conf))
+    print(f"demo report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clinlens", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="generate studies if missing and start the MONAI Label server")
+    s.add_argument("--studies", default=DEFAULT_STUDIES, help="studies folder or DICOMweb URL")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="app setting, e.g. --conf clip_model /path/to/hf-clip")
+    s.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("demo", help="replay a scripted clinician session over HTTP; write a report with overlays")
+    d.add_argument("--studies", default=DEFAULT_STUDIES)
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"))
+    d.set_defaults(fn=cmd_demo)
+
+    m = sub.add_parser("make-data", help="write phantom studies as a MONAI Label studies folder")
+    m.add_argument("--out", default=DEFAULT_STUDIES)
+    m.add_argument("--n-chest", type=int, default=8)
+    m.add_argument("--n-derm", type=int, default=6)
+    m.add_argument("--n-ct", type=int, default=3)
+    m.add_argument("--labelled-fraction", type=float, default=0.5)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=cmd_make_data)
+
+    t = sub.add_parser("train-default", help="train the embedded default CLIP and its region model on phantoms "
+                                             "(reproducible from --seed)")
+    from clinlens.models.clip import DEFAULT_CLIP_DIR
+    from clinlens.trainers.default_clip import DEFAULTS
+
+    t.add_argument("--out", default=str(DEFAULT_CLIP_DIR))
+    t.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    t.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    t.add_argument("--batch", type=int, default=DEFAULTS["batch"])
+    t.add_argument("--scale", type=float, default=1.0, help="scale the number of phantoms (e.g. 0.05 for a smoke run)")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--skip-region", action="store_true", help="train only the CLIP, not the region model")
+    t.add_argument("--region-only", action="store_true", help="train only the region model on the existing CLIP")
+    t.set_defaults(fn=cmd_train_default)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Phantom generator, DICOM/NIfTI I/O and the studies folder builder."""

@@ -1,0 +1,1 @@
+"""MONAI Label adapters: parse the request, call a model, write the result."""

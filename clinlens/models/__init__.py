@@ -1,0 +1,1 @@
+"""Models: plain torch modules with no MONAI Label imports."""

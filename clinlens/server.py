@@ -1,0 +1,89 @@
+"""Start and stop a real MONAI Label server running the clinlens app (CLI, demo and tests)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+APP_DIR = Path(__file__).resolve().parent.parent / "monailabel_app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(studies: str, host: str = "127.0.0.1", port: int = 8000, conf: dict | None = None,
+                   app_dir: str | Path = APP_DIR) -> list[str]:
+    """`python -m monailabel.main start_server ...` with the interpreter running clinlens."""
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir),
+           "--studies", str(studies), "--host", host, "--port", str(port)]
+    for k, v in (conf or {}).items():
+        cmd += ["--conf", k, str(v)]
+    return cmd
+
+
+def server_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("MONAI_LABEL_DATASTORE_AUTO_RELOAD", "false")
+    env.setdefault("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")
+    env.setdefault("MONAI_LABEL_SESSIONS", "false")
+    # idle OpenMP threads sleep instead of spinning: the server, its training subprocess and any
+    # other job share few cores, and spinning threads slow each other down several times over
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env.update(extra or {})
+    return env
+
+
+class Server:
+    """A server subprocess; `with Server(studies) as s: requests.get(s.url + "/info/")`."""
+
+    def __init__(self, studies, port: int | None = None, conf: dict | None = None, log_path=None,
+                 env: dict | None = None, timeout: float = 180):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = server_command(studies, port=self.port, conf=conf)
+        self.env = server_env(env)
+        self.log_path = Path(log_path) if log_path else None
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server did not answer /info/ within {self.timeout}s; log: {self.log_path}")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            import signal
+
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,1 @@
+"""Text side: tokenizer, prompt templates, negation."""

@@ -1,0 +1,71 @@
+"""`region_seg` MONAI Label train task: a thin adapter over `train_region`.
+
+Learns from the datastore's `final` labels: every segment of a multi-label map is one object,
+named by the label's `label_info` (what Slicer's Save Label sends) or the app's label table.
+Continues from the current region model and publishes atomically, so inference hot-reloads it.
+Runs in MONAI Label's training subprocess; progress goes to a stats file the server reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from monailabel.interfaces.tasks.train import TrainTask
+
+from clinlens.models.clip import load_clip
+from clinlens.models.region_clip import region_path
+from clinlens.trainers.region_seg import label_examples, train_region
+
+
+def label_names(info: dict | None, fallback: dict) -> dict:
+    """{name: index} of one saved label: its `label_info` if it has one, else the app's labels."""
+    items = (info or {}).get("label_info") or []
+    names = {str(d["name"]): int(d["idx"]) for d in items if isinstance(d, dict) and "name" in d and "idx" in d}
+    return names or dict(fallback)
+
+
+class RegionSegTrain(TrainTask):
+    def __init__(self, clip, publish_path: str | Path, labels: dict, description="Train the region model from final labels"):
+        super().__init__(description)
+        self.clip = clip
+        self.publish_path = Path(publish_path)
+        self.labels = dict(labels)
+        self.stats_path = self.publish_path.with_suffix(".train_stats.json")
+
+    def config(self):
+        return {"steps": 200, "batch": 8, "lr": 5e-4, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+    def stats(self):
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_stats(self, **kw):
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(kw))
+        os.replace(tmp, self.stats_path)
+
+    def __call__(self, request, datastore):
+        conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        ids = datastore.get_labeled_images()
+        if not ids:
+            raise ValueError("no final labels in the datastore to train region_seg from")
+        examples = []
+        for i in ids:
+            names = label_names(datastore.get_label_info(i, "final"), self.labels)
+            examples += list(label_examples([datastore.get_image_uri(i)], [datastore.get_label_uri(i, "final")], names))
+        bundle = load_clip(self.clip.path, device=conf["device"])
+        init = self.publish_path if self.publish_path.is_file() else region_path(bundle.path)
+        start = time.time()
+        self._write_stats(status="RUNNING", start_ts=int(start), total_time="0s", images=len(ids), objects=len(examples))
+        summary = train_region(bundle, examples, self.publish_path, steps=int(conf["steps"]), batch=int(conf["batch"]),
+                               lr=float(conf["lr"]), init=init if init.is_file() else None, progress=True,
+                               extra={"source": "datastore final labels", "images": len(ids)})
+        self._write_stats(status="DONE", start_ts=int(start), total_time=f"{time.time() - start:.0f}s", images=len(ids),
+                          objects=len(examples), steps=summary["steps"], train_dice=summary.get("final_dice"))
+        return summary

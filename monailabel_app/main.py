@@ -1,0 +1,88 @@
+"""The clinlens MONAI Label app: thin wiring of clinlens tasks into MONAI Label.
+
+Start it with `python -m monailabel.main start_server --app monailabel_app --studies DIR`
+(or `clinlens serve`). Models load lazily: the training subprocess rebuilds this app.
+`--conf clip_model DIR` (or $CLINLENS_CLIP_MODEL) points at any local Hugging Face CLIP directory;
+`--conf model_dir DIR` is where training publishes (default `<app>/model`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+
+import clinlens
+from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES
+from clinlens.data.studies import LABELS
+from clinlens.infer.datastore import CheckedLocalDatastore
+from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, TextSegInfer
+from clinlens.infer.zeroshot import ZeroShotInfer
+from clinlens.models.clip import LazyClip
+from clinlens.trainers.region_task import RegionSegTrain
+
+logger = logging.getLogger(__name__)
+
+FINDINGS = list(dict.fromkeys(CHEST_FINDINGS + CT_FINDINGS + DERM_CONCEPTS + DERM_DIAGNOSES))
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.clip = LazyClip(conf)
+        self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
+        self.region = LazyRegion(self.clip, os.path.join(self.model_dir, "region.safetensors"))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="clinlens",
+            description="Region-aware, concept-explained, negation-aware CLIP",
+            version=clinlens.__version__,
+            labels=dict(LABELS),
+        )
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return CheckedLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self):
+        labels = dict(LABELS)
+        return {
+            "region_seg": RegionSegInfer(self.region, FINDINGS, labels),
+            "region_seg_3d": RegionSeg3DInfer(self.region, FINDINGS, labels),
+            "text_seg": TextSegInfer(self.region, FINDINGS, labels),
+            "zeroshot": ZeroShotInfer(self.clip, FINDINGS),
+        }
+
+    def init_trainers(self):
+        return {"region_seg": RegionSegTrain(self.clip, self.region.publish_path, dict(LABELS))}
+
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model '{model}'; available: {sorted(self._infers)}")
+        image = request.get("image")
+        if not image:
+            raise HTTPException(400, "no image id given (?image=<id>)")
+        if isinstance(image, str) and not os.path.exists(image):
+            ds = datastore or self.datastore()
+            uri = ds.get_image_uri(image)
+            if not uri:
+                raise HTTPException(404, f"image '{image}' is not in the datastore")
+        return super().infer(request, datastore)
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        from monailabel.app import app as fastapi_app
+
+        from clinlens.infer.http import install_error_handlers
+
+        install_error_handlers(fastapi_app)

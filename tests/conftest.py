@@ -1,0 +1,40 @@
+"""Shared fixtures: generated studies and a real MONAI Label server on a free loopback port."""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def studies(tmp_path_factory):
+    from clinlens.data.studies import make_studies
+
+    root = tmp_path_factory.mktemp("studies")
+    make_studies(root, n_chest=3, n_derm=2, n_ct=2, labelled_fraction=0.5, seed=7, chest_size=512,
+                 ct_shape=(24, 96, 128), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(studies, tmp_path_factory):
+    from clinlens.server import Server
+
+    work = tmp_path_factory.mktemp("server")
+    log = work / "server.log"
+    with Server(studies, log_path=log, conf={"model_dir": work / "model"}) as s:
+        s.tmp = tmp_path_factory.mktemp("client")
+        yield s
+    print(f"server log: {log}")
+
+
+def read_multipart(response) -> dict:
+    """Parts of a multipart answer (what Slicer parses) by field name."""
+    from requests_toolbelt import MultipartDecoder
+
+    parts = {}
+    for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
+        name = part.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0].decode()
+        parts[name] = part
+    return parts

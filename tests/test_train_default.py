@@ -1,0 +1,32 @@
+"""`clinlens train-default` reproduces its checkpoint from a seed and publishes it atomically."""
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from clinlens.models.clip import load_clip
+from clinlens.trainers.default_clip import train_default
+
+TINY = dict(steps=12, batch=16, counts={"chest": 12, "derm": 8, "ct": 2}, progress=False, device="cpu")
+
+
+def test_same_seed_same_weights_and_training_moves_them(tmp_path):
+    a = train_default(tmp_path / "a", seed=3, **TINY, log=lambda *_: None)
+    b = train_default(tmp_path / "b", seed=3, **TINY, log=lambda *_: None)
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    c = train_default(tmp_path / "c", seed=4, **TINY, log=lambda *_: None)
+    wc = load_file(tmp_path / "c" / "model.safetensors")
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert a["final_loss"] == b["final_loss"]
+    # published by rename: only the final directories, no temporary ones left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+    bundle = load_clip(tmp_path / "a", device="cpu")
+    assert bundle.model.config.text_config.eos_token_id == bundle.tokenizer.eos_token_id
+
+
+def test_cli_help_lists_the_subcommands():
+    out = subprocess.run([sys.executable, "-m", "clinlens.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("serve", "demo", "make-data", "train-default"):
+        assert cmd in out
