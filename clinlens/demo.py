@@ -17,7 +17,7 @@ from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.server import Server
 
 
-def _overlay(path: Path, image01: np.ndarray, boxes: dict, title: str, lines: list[str]) -> None:
+def _overlay(path: Path, image01: np.ndarray, boxes: dict, title: str, lines: list[str], mask=None, click=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,6 +26,10 @@ def _overlay(path: Path, image01: np.ndarray, boxes: dict, title: str, lines: li
 
     fig, ax = plt.subplots(figsize=(5, 5.6), dpi=100)
     ax.imshow(image01, cmap="gray")
+    if mask is not None and mask.any():
+        ax.contour(mask, levels=[0.5], colors="red", linewidths=1.2)
+    if click is not None:
+        ax.plot(*click, "r+", ms=10, mew=2)
     for name, b in boxes.items():
         if len(b) == 4:
             ax.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.2))
@@ -77,11 +81,34 @@ def run_demo(src_studies: str | Path, out_dir: str | Path, conf: dict | None = N
             res = r.json()
             present = [k for k, v in truth["concepts"].items() if v]
             top = [f"{f['finding']} {f['probability']:.2f}" for f in res["findings"][:4]]
+            # the clinician clicks the centre of the first finding: region_seg answers mask + what is here
+            mask, click, seg_line = None, None, "no finding box on this slice to click"
+            if boxes:
+                name, b = next(iter(boxes.items()))
+                click = ((b[0] + b[2]) // 2, (b[1] + b[3]) // 2)
+                p = {"foreground": [[click[0], click[1], params.get("slice", 0)]], "label": name, **params}
+                t = time.perf_counter()
+                r = requests.post(f"{srv.url}/infer/region_seg", params={"image": rec["id"]},
+                                  files={"params": (None, json.dumps(p))})
+                ms_seg = 1000 * (time.perf_counter() - t)
+                if r.ok:
+                    from requests_toolbelt import MultipartDecoder
+
+                    parts = {pt.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: pt
+                             for pt in MultipartDecoder(r.content, r.headers["content-type"]).parts}
+                    what = json.loads(parts[b"params"].content)["what_is_here"]
+                    lab = out / f"{rec['id']}_region{Path(rec['image']).suffixes[-1] if fam != 'ct' else '.nii.gz'}"
+                    lab.write_bytes(parts[b"image"].content)
+                    m = load_image(lab).array
+                    mask = m[params["slice"]] if m.ndim == 3 else m
+                    seg_line = (f"click on {name}: what is here = " +
+                                ", ".join(f"{w['finding']} {w['score']:.2f}" for w in what) + f" ({ms_seg:.0f} ms)")
             png = out / f"{rec['id']}.png"
             _overlay(png, to_unit_rgb(plane), boxes, f"{rec['id']} — truth: {', '.join(present) or 'normal'}",
-                     ["zero-shot top: " + "; ".join(top)])
+                     ["zero-shot top: " + "; ".join(top), seg_line], mask, click)
             rows.append(f"## {rec['id']} ({fam})\n\nReport: _{truth['report']}_\n\n"
-                        f"Zero-shot top findings: {', '.join(top)} (HTTP round trip {ms:.0f} ms)\n\n![]({png.name})\n")
+                        f"Zero-shot top findings: {', '.join(top)} (HTTP round trip {ms:.0f} ms)\n\n"
+                        f"Region click: {seg_line}\n\n![]({png.name})\n")
         # the clinician corrects a label and saves it (Slicer's Save Label)
         rec = next((r for r in index["images"] if r["family"] == "chest" and not r["label"]), picks["chest"])
         lab = np.zeros(load_image(studies / rec["image"]).spatial_shape, np.uint8)

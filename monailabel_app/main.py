@@ -25,7 +25,8 @@ from clinlens.trainers.region_task import RegionSegTrain
 
 logger = logging.getLogger(__name__)
 
-FINDINGS = list(dict.fromkeys(CHEST_FINDINGS + CT_FINDINGS + DERM_CONCEPTS + DERM_DIAGNOSES))
+# what each kind of image is scored against ("what is here", zero-shot, text_seg's option box)
+VOCAB = {"chest": CHEST_FINDINGS, "derm": DERM_CONCEPTS + DERM_DIAGNOSES, "ct": CT_FINDINGS}
 
 
 class MyApp(MONAILabelApp):
@@ -56,10 +57,10 @@ class MyApp(MONAILabelApp):
     def init_infers(self):
         labels = dict(LABELS)
         return {
-            "region_seg": RegionSegInfer(self.region, FINDINGS, labels),
-            "region_seg_3d": RegionSeg3DInfer(self.region, FINDINGS, labels),
-            "text_seg": TextSegInfer(self.region, FINDINGS, labels),
-            "zeroshot": ZeroShotInfer(self.clip, FINDINGS),
+            "region_seg": RegionSegInfer(self.region, VOCAB, labels),
+            "region_seg_3d": RegionSeg3DInfer(self.region, VOCAB, labels),
+            "text_seg": TextSegInfer(self.region, VOCAB, labels),
+            "zeroshot": ZeroShotInfer(self.clip, VOCAB),
         }
 
     def init_trainers(self):

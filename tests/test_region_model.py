@@ -146,7 +146,7 @@ def test_focus_window_rules():
 
 def test_predict_non_square_and_trunk_cache(bundle, model, tmp_path):
     path = model.save(tmp_path / "region.safetensors")
-    pred = RegionPredictor.from_bundle(bundle, path)
+    pred = RegionPredictor.from_bundle(bundle, path, max_grow=0)
     img = np.random.default_rng(0).random((300, 500, 3)).astype(np.float32)
     r = pred.predict(img, "img-a", fg_xy=[(450, 40)])
     assert r["mask"].shape == r["prob"].shape == (300, 500) and r["mask"].dtype == bool
@@ -174,7 +174,7 @@ def test_predict_non_square_and_trunk_cache(bundle, model, tmp_path):
 
 
 def test_cache_is_bounded_lru(bundle, model):
-    pred = RegionPredictor(model, bundle, cache_size=3)
+    pred = RegionPredictor(model, bundle, cache_size=3, max_grow=0)
     img = np.zeros((128, 128, 3), np.float32)
     for k in range(5):
         pred.predict(img, f"k{k}", fg_xy=[(64, 64)])
@@ -212,3 +212,24 @@ def test_propagate_and_predict_3d_shapes(bundle, model):
     assert out.shape == (5, 64, 80) and out.dtype == bool and (out[2] == start).all()
     res = pred.predict_3d(fn, 5, "vol", fg_xyz=[(40, 30, 1)], bg_xyz=[(5, 5, 1)], box=[25, 15, 0, 55, 45, 4])
     assert res["mask"].shape == (5, 64, 80) and res["seeds"] == [1] and not res["mask"][4].any()
+
+
+def test_window_grows_for_an_object_larger_than_the_first_window():
+    """One click on a large dermoscopy lesion: the shipped model's mask must not be cut at the window edge."""
+    from clinlens.data.image_io import to_unit_rgb
+    from clinlens.data.phantoms import make_derm
+    from clinlens.models.clip import load_clip
+
+    s = make_derm(70_000_123, size=256)
+    lesion = s.masks["lesion"]
+    ys, xs = np.nonzero(lesion)
+    click = [(float(np.median(xs)), float(np.median(ys)))]
+    default = load_clip(device="cpu")
+    fixed = RegionPredictor.from_bundle(default, max_grow=0).predict(to_unit_rgb(s.image), "d", fg_xy=click)
+    grown = RegionPredictor.from_bundle(default).predict(to_unit_rgb(s.image), "d", fg_xy=click)
+    dice = lambda m: 2 * (m & lesion).sum() / (m.sum() + lesion.sum())  # noqa: E731
+    side = lambda w: w[2] - w[0]  # noqa: E731
+    if side(fixed["window"]) < lesion.any(0).sum():  # the lesion is wider than the first window
+        assert side(grown["window"]) > side(fixed["window"])
+        assert dice(grown["mask"]) > dice(fixed["mask"])
+    assert dice(grown["mask"]) > 0.6

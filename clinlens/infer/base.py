@@ -40,6 +40,13 @@ class ImageCache:
         return img
 
 
+def family_of(image: LoadedImage) -> str:
+    """Which vocabulary fits an image: RGB 2D -> "derm", a volume -> "ct", grey 2D -> "chest"."""
+    if image.is_rgb:
+        return "derm"
+    return "ct" if len(image.spatial_shape) == 3 else "chest"
+
+
 def upload_path(request) -> str | None:
     """The uploaded `label` file (a mask prompt), if the request carries one (not Slicer's segment name)."""
     lab = request.get("label")

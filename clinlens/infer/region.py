@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from clinlens.data.conventions import RequestError, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import load_image, to_unit_rgb
-from clinlens.infer.base import ClinlensInfer, upload_path
+from clinlens.infer.base import ClinlensInfer, family_of, upload_path
 from clinlens.models.region_clip import region_path
 from clinlens.models.region_predictor import RegionPredictor
 from clinlens.models.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, ZeroShotScorer
@@ -84,23 +84,26 @@ def _label_name(request, default: str) -> str:
 
 
 class _RegionTask(ClinlensInfer):
-    def __init__(self, region: LazyRegion, names: list[str], labels, type, dimension, description, config=None):
+    def __init__(self, region: LazyRegion, vocab: dict, labels, type, dimension, description, config=None):
+        """`vocab`: family ("chest", "derm", "ct") -> the names "what is here" chooses from."""
         super().__init__(type=type, labels=labels, dimension=dimension, description=description, config=config or {})
         self.region = region
-        self.names = list(names)
+        self.vocab = {k: list(v) for k, v in vocab.items()}
+        self.names = list(dict.fromkeys(n for v in vocab.values() for n in v))
 
-    def answer(self, pred, res, label: str, extra: dict) -> dict:
+    def answer(self, pred, res, label: str, extra: dict, image=None) -> dict:
+        names = self.vocab[family_of(image)] if image is not None else self.names
         return {
             "label_names": {label: 1},
-            "what_is_here": what_is_here(pred.bundle, res["region_embedding"], self.names),
+            "what_is_here": what_is_here(pred.bundle, res["region_embedding"], names),
             "latencies": {k + "_ms": v for k, v in res.get("timings_ms", {}).items()},
             **extra,
         }
 
 
 class RegionSegInfer(_RegionTask):
-    def __init__(self, region, names, labels):
-        super().__init__(region, names, labels, InferType.DEEPGROW, 2,
+    def __init__(self, region, vocab, labels):
+        super().__init__(region, vocab, labels, InferType.DEEPGROW, 2,
                          "Region-aware CLIP: clicks/box -> mask and what is here (2D)")
         self._last: OrderedDict = OrderedDict()  # (image, label) -> (fg points, mask) for mask prompts
 
@@ -127,12 +130,12 @@ class RegionSegInfer(_RegionTask):
             self._last.popitem(last=False)
         mask = place_2d(res["mask"].astype(np.uint8), image.spatial_shape, p.slice)
         return mask, self.answer(pred, res, label, {"window": res["window"], "cached": res["cached"],
-                                                    "mask_prompt": mask_prompt is not None})
+                                                    "mask_prompt": mask_prompt is not None}, image)
 
 
 class RegionSeg3DInfer(_RegionTask):
-    def __init__(self, region, names, labels):
-        super().__init__(region, names, labels, InferType.DEEPGROW, 3,
+    def __init__(self, region, vocab, labels):
+        super().__init__(region, vocab, labels, InferType.DEEPGROW, 3,
                          "Region-aware CLIP: clicks/box on any slices -> 3D mask by slice propagation")
 
     def run(self, request, image):
@@ -151,7 +154,7 @@ class RegionSeg3DInfer(_RegionTask):
         z = np.flatnonzero(res["mask"].any(axis=(1, 2)))
         extra = {"seed_slices": res["seeds"], "slices": [int(z.min()), int(z.max())] if len(z) else []}
         return res["mask"].astype(np.uint8), self.answer(pred, {**res, "timings_ms": {"model": ms}},
-                                                         _label_name(request, "region"), extra)
+                                                         _label_name(request, "region"), extra, image)
 
 
 def candidate_boxes(h: int, w: int, fractions=(0.5, 0.25)) -> list[list[float]]:
@@ -166,10 +169,10 @@ def candidate_boxes(h: int, w: int, fractions=(0.5, 0.25)) -> list[list[float]]:
 
 
 class TextSegInfer(_RegionTask):
-    def __init__(self, region, names, labels):
-        super().__init__(region, names, labels, InferType.SEGMENTATION, 2,
+    def __init__(self, region, vocab, labels):
+        super().__init__(region, vocab, labels, InferType.SEGMENTATION, 2,
                          "Text-prompted segmentation: a finding name or free text -> mask",
-                         config={"prompt": list(names), "threshold": 0.5})
+                         config={"prompt": list(dict.fromkeys(n for v in vocab.values() for n in v)), "threshold": 0.5})
 
     def _text(self, bundle, prompt: str):
         with torch.no_grad():
@@ -227,6 +230,6 @@ class TextSegInfer(_RegionTask):
         extra = {"prompt": prompt, "found": found, "score": round(best[0], 4) if best else 0.0,
                  "slice": best_k, "latencies": {"search_ms": round(1000 * (time.perf_counter() - t0), 1)}}
         res = best[1] if best else {"region_embedding": text[0].numpy()}
-        out = self.answer(pred, res, prompt, extra)
+        out = self.answer(pred, res, prompt, extra, image)
         out["latencies"] = extra["latencies"]
         return mask, out

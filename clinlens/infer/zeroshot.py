@@ -14,7 +14,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from clinlens.data.conventions import parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import to_unit_rgb
-from clinlens.infer.base import ClinlensInfer
+from clinlens.infer.base import ClinlensInfer, family_of
 from clinlens.models.zeroshot import ZeroShotScorer
 
 
@@ -27,16 +27,18 @@ def frame_mask(shape_yx: tuple[int, int], width: int = 2) -> np.ndarray:
 class ZeroShotInfer(ClinlensInfer):
     """Thin adapter: request -> `ZeroShotScorer` -> labelmap + JSON."""
 
-    def __init__(self, clip, findings: list[str], description: str = "Zero-shot finding scores (negation-aware)"):
+    def __init__(self, clip, vocab: dict[str, list[str]], description: str = "Zero-shot finding scores (negation-aware)"):
+        """`vocab`: family ("chest", "derm", "ct") -> the findings scored on such images."""
+        findings = list(dict.fromkeys(f for names in vocab.values() for f in names))
         super().__init__(
             type=InferType.CLASSIFICATION,
-            labels=list(findings),
+            labels=findings,
             dimension=2,
             description=description,
             config={"threshold": 0.5},
         )
         self.clip = clip
-        self.findings = list(findings)
+        self.vocab = {k: list(v) for k, v in vocab.items()}
 
     def run(self, request, img):
         t0 = time.perf_counter()
@@ -48,7 +50,8 @@ class ZeroShotInfer(ClinlensInfer):
         extra = request.get("prompts") or []
         if isinstance(extra, str):
             extra = [extra]
-        names = self.findings + [p for p in extra if isinstance(p, str) and p.strip() and p not in self.findings]
+        base = self.vocab[family_of(img)]
+        names = base + [p for p in extra if isinstance(p, str) and p.strip() and p not in base]
         with torch.inference_mode():
             probs = ZeroShotScorer(bundle, names)(bundle.pixel_values(to_unit_rgb(plane)))[0].float().cpu().numpy()
         t_model = time.perf_counter()
