@@ -121,6 +121,9 @@ def methods_2d(pred: RegionPredictor, beta: float) -> dict:
     def clinlens(img, key, fg, bg, prev):
         return pred.predict(img, key, fg, bg, mask_prompt=prev)["mask"]
 
+    def clicks_only(img, key, fg, bg, prev):
+        return pred.predict(img, ("clicks only", key), fg, bg)["mask"]
+
     def rw(img, key, fg, bg, prev):
         g = _grey(img)
         return random_walker_seg(g, fg, bg, beta, rgb=g.ndim == 3)
@@ -128,7 +131,8 @@ def methods_2d(pred: RegionPredictor, beta: float) -> dict:
     def grow(img, key, fg, bg, prev):
         return region_grow(img.mean(-1), fg, bg)
 
-    return {"clinlens": clinlens, "random walker": rw, "region growing": grow}
+    return {"clinlens": clinlens, "clinlens, no mask prompt (ablation)": clicks_only, "random walker": rw,
+            "region growing": grow}
 
 
 def click_session(segment, target: np.ndarray, first, max_clicks: int, err_click=error_click,
@@ -241,7 +245,8 @@ def main(argv=None):
              "object); each next click = `error_click` (centre of the largest error region, fg or bg) on that "
              "method's own current prediction, so every method gets its own corrective sequence. clinlens gets "
              "fg/bg clicks and, from click 2 on, its previous mask as mask prompt; each object has its own image key "
-             "(fresh focus window, trunk computed on click 1).",
+             "(fresh focus window, trunk computed on click 1). Ablation row: the same clinlens without the mask "
+             "prompt (all clicks only).",
              f"- random walker: scikit-image, mode cg_j, beta {a.beta:g}, markers fg clicks = 1, bg clicks and every "
              "image-border pixel = 2 (so it has background from click 1). Region growing: `skimage.segmentation.flood` "
              "on the Gaussian-smoothed (sigma 1) grey image from each fg click, tolerance 2.5 x std of its 9x9 "

@@ -144,7 +144,7 @@ def predictor_rows(pred: RegionPredictor, n: int, warmup: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF CLIP dir with region.safetensors (default: the embedded default)")
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=6, help="chest images for the HTTP clicks")

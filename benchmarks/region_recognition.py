@@ -90,7 +90,10 @@ def main(argv=None):
              "cosine. Crops: square window round the object's box enlarged 1.5x / "
              f"{pred.expand:g}x (at least {pred.min_side} px, shifted inside the image), resized to "
              f"{bundle.image_size} px.",
-             "- chance = 1 / number of candidates; majority = always the family's most frequent true name.", "",
+             "- chance = 1 / number of candidates; majority = always the family's most frequent true name.",
+             "- zero-shot here means no classifier head: the names are the captions the region model was trained "
+             "on (region-text InfoNCE on training phantoms, disjoint seeds), and the CLIP saw report sentences "
+             "naming them; the objects are held out.", "",
              "| family | objects | " + " | ".join(methods) + " | chance | majority |",
              "|---|---|" + "---|" * (len(methods) + 2)]
     for g, sel in groups.items():
