@@ -84,12 +84,16 @@ def test_follow_up_click_reuses_the_trunk(server, studies):
     image, t, lab = labelled(studies, "chest")[0]
     name, (x0, y0, x1, y1) = next(iter(t["boxes"].items()))
     cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-    p = {"foreground": [[cx, cy, 0]], "background": [], "label": "again"}
+    p = {"foreground": [[cx, cy, 0]], "background": [], "label": "again", "use_previous_mask": True}
     first = json.loads(read_multipart(slicer_infer(server, "region_seg", image, p))["params"].content)
     p["background"] = [[min(x1 + 2, lab.shape[1] - 1), cy, 0]]
     second = json.loads(read_multipart(slicer_infer(server, "region_seg", image, p))["params"].content)
     assert second["cached"] and second["mask_prompt"]
     assert second["window"] == first["window"]
+    p["background"].append([max(x0 - 3, 0), cy, 0])
+    p["use_previous_mask"] = False
+    third = json.loads(read_multipart(slicer_infer(server, "region_seg", image, p))["params"].content)
+    assert third["cached"] and not third["mask_prompt"]
 
 
 def test_ohif_3d_click_on_ct_lesion_propagates(server, studies):

@@ -103,8 +103,11 @@ class _RegionTask(ClinlensInfer):
 
 class RegionSegInfer(_RegionTask):
     def __init__(self, region, vocab, labels):
+        # feeding the segment's previous mask back as a prompt costs Dice in the benchmark
+        # (benchmarks/results/interactive_seg.md ablation), so it is an option, off by default
         super().__init__(region, vocab, labels, InferType.DEEPGROW, 2,
-                         "Region-aware CLIP: clicks/box -> mask and what is here (2D)")
+                         "Region-aware CLIP: clicks/box -> mask and what is here (2D)",
+                         config={"use_previous_mask": False})
         self._last: OrderedDict = OrderedDict()  # (image, label) -> (fg points, mask) for mask prompts
 
     def run(self, request, image):
@@ -119,7 +122,8 @@ class RegionSegInfer(_RegionTask):
         pred = self.region.get()
         clicks = ({tuple(x) for x in fg.tolist()}, {tuple(x) for x in bg.tolist()})
         stamp = (id(pred), pred._model_mtime())
-        if mask_prompt is None and key in self._last:  # same segment, same model, clicks only added: refine
+        use_prev = str(request.get("use_previous_mask", self._config["use_previous_mask"])).lower() == "true"
+        if use_prev and mask_prompt is None and key in self._last:  # same segment and model, clicks added
             prev_clicks, prev_mask, prev_stamp = self._last[key]
             grown = sum(map(len, clicks)) > sum(map(len, prev_clicks))
             if prev_stamp == stamp and grown and prev_clicks[0] <= clicks[0] and prev_clicks[1] <= clicks[1]:
