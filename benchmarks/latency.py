@@ -24,10 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent
-sys.path[:0] = [str(ROOT), str(ROOT.parent / "tests")]
+sys.path.insert(0, str(ROOT))
 from common import RESULTS, header  # noqa: E402
-from conftest import read_multipart  # noqa: E402
-from test_server import slicer_post  # noqa: E402  (the multipart request exactly as Slicer sends it)
+from clinlens.server import read_multipart, slicer_post  # noqa: E402  (requests exactly as Slicer sends them)
 
 from clinlens.data.image_io import load_image, to_unit_rgb  # noqa: E402
 from clinlens.data.studies import make_studies  # noqa: E402

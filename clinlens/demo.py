@@ -14,7 +14,7 @@ import numpy as np
 import requests
 
 from clinlens.data.image_io import load_image, to_unit_rgb
-from clinlens.server import Server
+from clinlens.server import Server, read_multipart
 
 
 def _overlay(path: Path, image01: np.ndarray, boxes: dict, title: str, lines: list[str], mask=None, click=None) -> None:
@@ -92,13 +92,10 @@ def run_demo(src_studies: str | Path, out_dir: str | Path, conf: dict | None = N
                                   files={"params": (None, json.dumps(p))})
                 ms_seg = 1000 * (time.perf_counter() - t)
                 if r.ok:
-                    from requests_toolbelt import MultipartDecoder
-
-                    parts = {pt.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0]: pt
-                             for pt in MultipartDecoder(r.content, r.headers["content-type"]).parts}
-                    what = json.loads(parts[b"params"].content)["what_is_here"]
+                    parts = read_multipart(r)
+                    what = json.loads(parts["params"].content)["what_is_here"]
                     lab = out / f"{rec['id']}_region{Path(rec['image']).suffixes[-1] if fam != 'ct' else '.nii.gz'}"
-                    lab.write_bytes(parts[b"image"].content)
+                    lab.write_bytes(parts["image"].content)
                     m = load_image(lab).array
                     mask = m[params["slice"]] if m.ndim == 3 else m
                     seg_line = (f"click on {name}: what is here = " +

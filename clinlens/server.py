@@ -87,3 +87,27 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# ---- client side: requests shaped exactly as the stock viewers send them (demo, tests, benchmarks)
+SLICER_BOUNDARY = "----------lImIt_of_THE_fIle_eW_$"
+
+
+def slicer_post(url: str, params: dict) -> requests.Response:
+    """Multipart exactly as Slicer's MONAILabel client sends it: its boundary and a `params` field."""
+    import json
+
+    body = (f"--{SLICER_BOUNDARY}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
+            f"{json.dumps(params)}\r\n--{SLICER_BOUNDARY}--\r\n").encode()
+    return requests.post(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={SLICER_BOUNDARY}"})
+
+
+def read_multipart(response: requests.Response) -> dict:
+    """Parts of a multipart answer (what Slicer parses) by field name: `params` and `image`."""
+    from requests_toolbelt import MultipartDecoder
+
+    parts = {}
+    for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
+        name = part.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0].decode()
+        parts[name] = part
+    return parts

@@ -6,6 +6,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from clinlens.server import read_multipart, slicer_post  # noqa: E402,F401  (shared by the test modules)
+
 
 @pytest.fixture(scope="session")
 def studies(tmp_path_factory):
@@ -28,13 +30,3 @@ def server(studies, tmp_path_factory):
         yield s
     print(f"server log: {log}")
 
-
-def read_multipart(response) -> dict:
-    """Parts of a multipart answer (what Slicer parses) by field name."""
-    from requests_toolbelt import MultipartDecoder
-
-    parts = {}
-    for part in MultipartDecoder(response.content, response.headers["content-type"]).parts:
-        name = part.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0].decode()
-        parts[name] = part
-    return parts

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from conftest import read_multipart
-from test_server import SLICER_BOUNDARY, assert_still_serving
+from test_server import assert_still_serving
+
+from clinlens.server import read_multipart, slicer_post
 
 
 def truth(studies, image_id):
@@ -28,10 +29,7 @@ def labelled(studies, family):
 
 
 def slicer_infer(server, model, image, params):
-    body = (f"--{SLICER_BOUNDARY}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
-            f"{json.dumps(params)}\r\n--{SLICER_BOUNDARY}--\r\n").encode()
-    return requests.post(f"{server.url}/infer/{model}?image={image}", data=body,
-                         headers={"Content-Type": f"multipart/form-data; boundary={SLICER_BOUNDARY}"})
+    return slicer_post(f"{server.url}/infer/{model}?image={image}", params)
 
 
 def dice(a, b):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from conftest import read_multipart
 
 from clinlens.models.clip import load_clip
+from clinlens.server import read_multipart
 from clinlens.models.region_clip import RegionCLIP
 
 

@@ -6,23 +6,13 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from requests_toolbelt import MultipartDecoder, MultipartEncoder
 
-SLICER_BOUNDARY = "----------lImIt_of_THE_fIle_eW_$"
+from clinlens.server import read_multipart, slicer_post
 
 
 def images(server, prefix):
     ids = sorted(requests.get(server.url + "/datastore/?output=all").json()["objects"])
     return [i for i in ids if i.startswith(prefix)]
-
-
-def slicer_post(url, params: dict):
-    """Multipart exactly as Slicer's MONAILabel client sends it (its boundary, a `params` field)."""
-    body = (
-        f"--{SLICER_BOUNDARY}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
-        f"{json.dumps(params)}\r\n--{SLICER_BOUNDARY}--\r\n"
-    ).encode()
-    return requests.post(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={SLICER_BOUNDARY}"})
 
 
 def assert_still_serving(server):
@@ -46,8 +36,7 @@ def test_slicer_shaped_infer_round_trip(server):
     image = images(server, "chest")[0]
     r = slicer_post(f"{server.url}/infer/zeroshot?image={image}", {"label": "nodule", "largest_cc": False})
     assert r.status_code == 200, r.text
-    parts = {p.headers[b"Content-Disposition"].split(b'name="')[1].split(b'"')[0].decode(): p
-             for p in MultipartDecoder(r.content, r.headers["content-type"]).parts}
+    parts = read_multipart(r)
     params = json.loads(parts["params"].content)
     assert len(params["findings"]) >= 6
     probs = [f["probability"] for f in params["findings"]]

@@ -232,7 +232,7 @@ class RegionPredictor:
                 break
             win = grown
         cached = cached_first
-        t2 = t3 = time.perf_counter()
+        t2 = time.perf_counter()
         return {
             "mask": prob > self.threshold, "prob": prob,
             "region_embedding": out["region_embedding"][0].float().cpu().numpy(),
@@ -240,7 +240,7 @@ class RegionPredictor:
             "iou_pred": float(out["iou_pred"][0]), "window": tuple(int(v) for v in win), "cached": cached,
             "timings_ms": {"trunk": round((t_trunk - t1) * 1e3, 2),
                            "prompt_decode": round((t2 - t1 - (t_trunk - t1)) * 1e3, 2),
-                           "total": round((t3 - t0) * 1e3, 2)},
+                           "total": round((t2 - t0) * 1e3, 2)},
         }
 
     def propagate_3d(self, volume_slices_fn, depth: int, start_slice: int, start_mask: np.ndarray, image_key,
