@@ -3,6 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup-env.sh || exit 1
+bash scripts/setup-test-deps.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
 rc=$?

@@ -51,17 +51,44 @@ def banner(host: str, port: int, studies: str) -> str:
 clinlens is starting on {url} over {studies}
   3D Slicer : install the MONAI Label extension, open its module, set server = {url},
               click the refresh button, pick an image ("Next Sample") and a model.
-  OHIF      : {url}/ohif/ (needs a DICOMweb datastore: load studies/dicom/* into Orthanc and
-              run `clinlens serve --studies http://127.0.0.1:8042/dicom-web`).
+  OHIF      : {url}/ohif/ (needs a DICOMweb datastore: `./run.sh serve --orthanc` starts a local
+              Orthanc with studies/dicom/* in it, or `--studies http://host:8042/dicom-web`).
   API       : {url}/docs   (GET /info/, POST /infer/<model>?image=<id>)
 Stop with Ctrl-C.
 """
+
+
+def _serve_with_orthanc(a) -> int:
+    """Start a local Orthanc, load the studies' DICOM series into it, serve over its DICOMweb (for OHIF)."""
+    import signal
+    import subprocess
+
+    from clinlens.orthanc import Orthanc
+    from clinlens.server import server_command, server_env
+
+    folder = Path(a.studies)
+    files = sorted(folder.glob("dicom/*/*.dcm"))
+    if not files:
+        print(f"no DICOM series under {folder}/dicom to load into Orthanc", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the server and Orthanc on a plain kill too
+    with Orthanc(Path(a.orthanc_dir), port=a.orthanc_port) as o:
+        print(f"Orthanc on {o.url} (DICOMweb {o.dicomweb_url}); storing {len(files)} instances", flush=True)
+        o.store(files)
+        cmd = server_command(o.dicomweb_url, a.host, a.port, _conf_pairs(a.conf))
+        print(banner(a.host, a.port, o.dicomweb_url), flush=True)
+        try:
+            return subprocess.call(cmd, env=server_env())
+        except KeyboardInterrupt:
+            return 0
 
 
 def cmd_serve(a) -> int:
     from clinlens.server import server_command, server_env
 
     _ensure_studies(a.studies)
+    if a.orthanc:
+        return _serve_with_orthanc(a)
     cmd = server_command(a.studies if "://" in a.studies else os.path.abspath(a.studies), a.host, a.port,
                          _conf_pairs(a.conf))
     print(banner(a.host, a.port, a.studies), flush=True)
@@ -89,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="app setting, e.g. --conf clip_model /path/to/hf-clip")
+    s.add_argument("--orthanc", action="store_true",
+                   help="start a local Orthanc (Debian orthanc + orthanc-dicomweb), load the studies' DICOM "
+                        "series and serve over its DICOMweb, as OHIF needs")
+    s.add_argument("--orthanc-port", type=int, default=8042)
+    s.add_argument("--orthanc-dir", default="out/orthanc", help="Orthanc's storage and config")
     s.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("demo", help="replay a scripted clinician session over HTTP; write a report with overlays")

@@ -17,7 +17,7 @@ from monailabel.interfaces.app import MONAILabelApp
 import clinlens
 from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES
 from clinlens.data.studies import LABELS
-from clinlens.infer.datastore import CheckedLocalDatastore
+from clinlens.infer.datastore import CheckedLocalDatastore, ClinlensDICOMWebDatastore
 from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, TextSegInfer
 from clinlens.infer.zeroshot import ZeroShotInfer
 from clinlens.models.clip import LazyClip
@@ -46,13 +46,22 @@ class MyApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            ds = super().init_datastore()
+            if type(ds).__name__ != "DICOMWebDatastore":  # XNAT / DSA: as MONAI Label has them
+                return ds
+            cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+            return ClinlensDICOMWebDatastore(ds._client, ds._search_filter, cache, ds._fetch_by_frame,
+                                             ds._convert_to_nifti)
         return CheckedLocalDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _download_dcmqi_tools(self):
+        """Offline: no dcmqi download; DICOM SEG is written by highdicom (ClinlensDICOMWebDatastore)."""
+        logger.info("DICOMweb datastore: DICOM SEG is written with highdicom; dcmqi is not needed")
 
     def init_infers(self):
         labels = dict(LABELS)

@@ -7,7 +7,9 @@
   towards its centre through the distance transform), with some probability a jittered box or a
   perturbed mask prompt (as in slice propagation) instead or as well, then 0..`max_clicks`
   corrective clicks, each at the centre of the largest error region of the current prediction
-  (foreground click in a false negative, background click in a false positive).
+  (foreground click in a false negative, background click in a false positive). With probability
+  `p_prev`, an episode's corrective rounds also pass the previous prediction as mask prompt (SAM's
+  iterative training), so a viewer session that refines its last mask is in distribution.
 - Losses: Dice + BCE on the mask at the decoder's 56x56 window resolution, region–text InfoNCE
   between the region embedding and the caption's frozen text embedding, a small global term that
   keeps the global embedding on the plain CLIP's, and a small IoU-prediction term.
@@ -264,6 +266,7 @@ def _as_pool(samples_or_iterator, max_pool: int):
 def train_region(bundle, samples_or_iterator, out_path, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
                  lr: float = DEFAULTS["lr"], k: int = DEFAULTS["k"], device=None, log=print, progress: bool = True,
                  seed: int = 0, init=None, max_clicks: int = 4, p_box: float = 0.25, p_mask: float = 0.2,
+                 p_prev: float = 0.5,
                  w_text: float = 0.5, w_global: float = 0.1, w_iou: float = 0.1, min_side: int = 96,
                  expand: float = 2.5, max_pool: int = 4000, augment: bool = True, time_budget_s: float | None = None,
                  extra: dict | None = None) -> dict:
@@ -319,11 +322,14 @@ def train_region(bundle, samples_or_iterator, out_path, steps: int = DEFAULTS["s
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             hidden = model.trunk(x)
             plain = model.plain_from_trunk(hidden).float() if w_global else None
+        use_prev = rng.random(len(eps)) < p_prev
         for _ in range(int(rng.integers(0, max_clicks + 1))):  # corrective clicks on the current prediction
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 pred = model.forward_from_trunk(hidden, *_batch_prompts(eps, dev))["mask_logits"][:, 0] > 0
-            pred = pred.cpu().numpy()
-            for e, p_, t_ in zip(eps, pred, tgt_np):
+            pred = pred.cpu()
+            for e, p_, t_, prev in zip(eps, pred.numpy(), tgt_np, use_prev):
+                if prev:
+                    e.mask_prompt = torch.from_numpy(p_[None].astype(np.float32))
                 c = error_click(p_, t_)
                 if c is not None:
                     (cx, cy), lab = c
@@ -362,7 +368,7 @@ def train_region(bundle, samples_or_iterator, out_path, steps: int = DEFAULTS["s
     model.eval()
     summary = {
         "seed": seed, "steps": done, "steps_planned": steps, "batch": batch, "lr": lr, "k": model.k,
-        "objects": len(pool), "captions": names, "max_clicks": max_clicks, "min_side": min_side, "expand": expand,
+        "objects": len(pool), "captions": names, "max_clicks": max_clicks, "p_prev": p_prev, "min_side": min_side, "expand": expand,
         **{f"final_{k_}": round(float(np.mean(v[-20:])), 4) for k_, v in hist.items()},
         "device": str(dev), "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu", "clip": str(bundle.path), **(extra or {}),
