@@ -6,7 +6,7 @@ Click 1 is the same for every method (`center_click` of the object, rng seeded p
 next click is `error_click` on that method's own current prediction (NoC protocol: every method
 gets its own corrective sequence). A sequence stops at 20 clicks, or once Dice >= 0.90 with at
 least 5 clicks (later clicks hold that Dice). 3D: CT findings, clinlens `predict_3d` re-run with
-all clicks, each corrective click on the slice with the largest error; random walker 3D baseline.
+all clicks, each corrective click on the slice with the largest error; random walker and region growing in 3D.
 Writes benchmarks/results/interactive_seg.md, .json and .png.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def objects_2d(fam: str, n: int, size: int = 256, ct_shape=(48, 128, 128)):
             z = int(np.argmax(m.sum(axis=(1, 2))))
             yield oid, to_unit_rgb(vol[z]), m[z], name
         return
-    for i, (img, m, cap) in enumerate(phantom_region_examples(HELD_OUT, n, size, families=(fam,))):
+    for i, (img, m, cap) in enumerate(phantom_region_examples(HELD_OUT, n, size, families=(fam,), propagation=False)):
         yield f"{fam}{i}", img, m, cap
 
 
@@ -94,20 +94,21 @@ def random_walker_seg(data: np.ndarray, fg, bg, beta: float, rgb: bool = False) 
 
 
 def region_grow(grey: np.ndarray, fg, bg, k: float = 2.5, r: int = 4, t_min: float = 0.03) -> np.ndarray:
-    """Seeded region growing: flood from each fg click on the smoothed image with tolerance k x std of its
-    (2r+1)^2 neighbourhood + t_min, halved until the flood holds no click of the other label; minus the bg floods."""
+    """Seeded region growing (2D or 3D): flood from each fg click on the smoothed image with tolerance k x std
+    of its (2r+1)^d neighbourhood + t_min, halved until the flood holds no click of the other label; minus the
+    bg floods. Points in (x, y[, z])."""
     from skimage.segmentation import flood
 
     g = ndi.gaussian_filter(grey.astype(np.float64), 1.0)
-    ij = lambda p: (int(round(p[1])), int(round(p[0])))  # noqa: E731
+    idx = lambda p: tuple(int(round(c)) for c in p[::-1])  # noqa: E731
 
     def grow(pts, avoid):
         out = np.zeros(g.shape, bool)
-        for y, x in map(ij, pts):
-            tol = k * g[max(y - r, 0): y + r + 1, max(x - r, 0): x + r + 1].std() + t_min
+        for c in map(idx, pts):
+            tol = k * g[tuple(slice(max(v - r, 0), v + r + 1) for v in c)].std() + t_min
             for _ in range(10):
-                f = flood(g, (y, x), tolerance=tol)
-                if not any(f[q] for q in map(ij, avoid)):
+                f = flood(g, c, tolerance=tol)
+                if not any(f[q] for q in map(idx, avoid)):
                     break
                 tol /= 2
             out |= f
@@ -231,7 +232,8 @@ def main(argv=None):
         unit = np.stack([to_unit_rgb(s)[..., 0] for s in vol])
         seg3 = {"clinlens predict_3d": lambda fg, bg, prev: pred.predict_3d(
                     lambda k: to_unit_rgb(vol[k]), len(vol), oid, fg, bg)["mask"],
-                "random walker 3D": lambda fg, bg, prev: random_walker_seg(unit, fg, bg, a.beta)}
+                "random walker 3D": lambda fg, bg, prev: random_walker_seg(unit, fg, bg, a.beta),
+                "region growing 3D": lambda fg, bg, prev: region_grow(unit, fg, bg)}
         for meth, f in seg3.items():
             d, sec, (fg, bg) = click_session(f, m3, (x, y, float(z)), a.clicks_3d, err_click=error_click_3d, stop=2.0)
             if meth.startswith("clinlens"):
@@ -279,15 +281,16 @@ def main(argv=None):
               f"{rw['dice@3']:.3f} -> **{'met' if ok else 'missed'}**.", "",
               "## 3D (CT volumes)", "",
               f"clinlens: `predict_3d` from one center click on the largest slice, then corrective clicks (`error_click` "
-              f"on the slice with the largest error), re-running `predict_3d` with all clicks. Random walker 3D: same "
-              f"protocol on the HU-windowed volume, volume border = background. {a.clicks_3d} clicks.", "",
+              f"on the slice with the largest error), re-running `predict_3d` with all clicks. Random walker 3D and region growing 3D: same "
+              f"protocol on the HU-windowed volume (random walker: volume border = background). {a.clicks_3d} clicks.", "",
               "| method | objects | 3D Dice@1 | 3D Dice@3 | 3D Dice@5 | s/click |", "|---|---|---|---|---|---|"]
     for (fam, meth), r in res3d.items():
         if fam == "ct":
             lines.append(f"| {meth} | {r['n']} | {r['dice@1']:.3f} | {r.get('dice@3', float('nan')):.3f} | "
                          f"{r.get('dice@5', float('nan')):.3f} | {r['ms_per_click'] / 1e3:.2f} |")
     lines += ["", f"clinlens 3D: {ignored[0]} of its {ignored[1]} background clicks fell on a slice with no foreground "
-              "click (`predict_3d` only applies background clicks on the slices it seeds from fg clicks).",
+              "click; `predict_3d` makes such a slice an anchor (its propagated mask refined by the click, then "
+              "re-propagated over the slices nearer to it than to any other anchor).",
               "", "ms/click and s/click are wall times of this run (shared 2-core machine, 2 torch threads); "
               "controlled timings are in latency.md.", ""]
     out = Path(a.out)

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from clinlens.models.clip import load_clip
 from clinlens.models.prompt_encoder import PromptEncoder
 from clinlens.models.region_clip import RegionCLIP, region_path
 from clinlens.models.region_predictor import RegionPredictor, focus_window
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_tiny_clip(d):
@@ -26,20 +27,6 @@ def make_tiny_clip(d):
     torch.manual_seed(0)
     CLIPModel(small_clip_config(len(tok), ids[PAD], ids[SOT], ids[EOT])).save_pretrained(str(d))
     return d
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small ops on 2 cores shared with other torch processes: 2 OpenMP threads ran 5-20x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return load_clip(make_tiny_clip(tmp_path_factory.mktemp("tiny_clip")), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +220,31 @@ def test_window_grows_for_an_object_larger_than_the_first_window():
         assert side(grown["window"]) > side(fixed["window"])
         assert dice(grown["mask"]) > dice(fixed["mask"])
     assert dice(grown["mask"]) > 0.6
+
+
+def test_background_click_on_another_slice_corrects_the_3d_mask():
+    """3D correction: a background click on a slice with no foreground click removes the mask there and
+    the slices it owns are re-propagated from the corrected mask (the shipped model on a held-out CT)."""
+    from clinlens.data.image_io import to_unit_rgb
+    from clinlens.data.phantoms import make_ct
+    from clinlens.models.clip import load_clip
+
+    s = make_ct(70_000_321, shape=(40, 128, 128), findings=["lung mass"])
+    m3 = s.masks["lung mass"]
+    fn = lambda z: to_unit_rgb(s.image[z])  # noqa: E731
+    z0 = int(np.argmax(m3.sum(axis=(1, 2))))
+    ys, xs = np.nonzero(m3[z0])
+    click = (float(np.median(xs)), float(np.median(ys)), float(z0))
+    pred = RegionPredictor.from_bundle(load_clip(device="cpu"))
+    one = pred.predict_3d(fn, len(m3), "ct", fg_xyz=[click])
+    zs = np.flatnonzero(one["mask"].any(axis=(1, 2)))
+    assert len(zs) > 1 and one["mask"][z0, int(click[1]), int(click[0])]
+    zb = int(zs.max())  # the top slice the mass reached: the clinician says "not here"
+    yb, xb = (int(v) for v in np.argwhere(one["mask"][zb]).mean(0).round())
+    if not one["mask"][zb, yb, xb]:
+        yb, xb = (int(v) for v in np.argwhere(one["mask"][zb])[0])
+    two = pred.predict_3d(fn, len(m3), "ct", fg_xyz=[click], bg_xyz=[(xb, yb, zb)])
+    assert two["seeds"] == [z0] and two["refined"] == [zb]
+    assert not two["mask"][zb, yb, xb]
+    assert two["mask"][zb].sum() < one["mask"][zb].sum()
+    np.testing.assert_array_equal(two["mask"][: (z0 + zb) // 2 + 1], one["mask"][: (z0 + zb) // 2 + 1])

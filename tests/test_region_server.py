@@ -1,5 +1,4 @@
 """Region tasks through the real server, shaped as Slicer and OHIF send them."""
-import io
 import json
 
 import nrrd
@@ -140,6 +139,8 @@ def test_text_seg_answers_with_a_mask_and_a_verdict(server, studies):
     ("slice", "region_seg", {"foreground": [[10, 10, 0]], "slice": 7}, "out of range"),
     ("ct_2d_slices", "region_seg", {"foreground": [[10, 10, 3], [12, 12, 4]]}, "2D model"),
     ("3d_model_on_2d", "region_seg_3d", {"foreground": [[10, 10, 0]]}, "needs a 3D volume"),
+    ("negated_text", "text_seg", {"prompt": "no pleural effusion"}, "is negated"),
+    ("empty_text", "text_seg", {"prompt": "   "}, "'prompt' must be"),
 ])
 def test_region_bad_input(server, case, model, params, words):
     ids = sorted(requests.get(server.url + "/datastore/?output=all").json()["objects"])

@@ -11,14 +11,7 @@ from clinlens.models.region_predictor import RegionPredictor
 from clinlens.trainers.region_seg import center_click, error_click, phantom_region_examples, train_region
 from test_region_model import make_tiny_clip  # noqa: E402  (tests/ is on sys.path under pytest)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small ops on 2 cores shared with other torch processes: 2 OpenMP threads ran 5-20x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dice(pred, objects):
@@ -45,7 +38,7 @@ def test_simulated_clicks_land_in_the_error_regions():
 
 def test_short_training_improves_dice_and_reloads(tmp_path):
     bundle = load_clip(make_tiny_clip(tmp_path / "clip"), device="cpu")
-    objects = list(phantom_region_examples(seed=0, n=24))
+    objects = list(phantom_region_examples(seed=0, n=24, propagation=False))
     assert {c for *_, c in objects} >= {"cardiomegaly", "pleural effusion"} and all(m.any() for _, m, _ in objects)
     torch.manual_seed(0)
     before = _dice(RegionPredictor(RegionCLIP(bundle.model).eval(), bundle), objects)
@@ -73,7 +66,28 @@ def test_label_examples_give_one_object_per_label_index(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "ct.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(lab), str(tmp_path / "ct_label.nii.gz"))
     ex = list(label_examples([tmp_path / "ct.nii.gz"], [tmp_path / "ct_label.nii.gz"], {"nodule": 1, "effusion": 2, "mass": 3}))
-    names = [c for *_, c in ex]
+    names = [e[2] for e in ex if len(e) == 3]
     assert names.count("nodule") == 3 and names.count("effusion") == 1 and "mass" not in names
+    steps = [e for e in ex if len(e) == 4]  # slice propagation: (image, mask, name, neighbour's mask)
+    assert [e[2] for e in steps] == ["nodule"]  # the one-slice effusion has no neighbour to propagate from
+    _, m, _, prompt = steps[0]
+    assert prompt.any() and prompt.shape == m.shape
     img, m, _ = ex[0]
     assert img.shape == (32, 40, 3) and img.dtype == np.float32 and m.shape == (32, 40) and m.sum() == 100
+
+
+def test_ddp_training_on_two_cpu_ranks_keeps_replicas_in_sync(tmp_path):
+    """The multi-GPU path (spawn + DistributedDataParallel), run with gloo on two CPU processes."""
+    from clinlens.trainers.region_seg import train_region_ddp
+
+    clip_dir = make_tiny_clip(tmp_path / "clip")
+    objects = list(phantom_region_examples(seed=0, n=12, propagation=False))
+    out = tmp_path / "ddp" / "region.safetensors"
+    summary = train_region_ddp(clip_dir, objects, out, world_size=2, backend="gloo", steps=6, batch=4, seed=0,
+                               progress=False)
+    assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True and summary["steps"] == 6
+    bundle = load_clip(clip_dir, device="cpu")
+    loaded = RegionCLIP.load(bundle, out)
+    assert json.loads(out.with_suffix(".json").read_text())["training"]["world_size"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                      RegionCLIP(bundle.model).state_dict().values()))

@@ -52,6 +52,18 @@ def test_slicer_shaped_infer_round_trip(server):
     assert lab.shape == img.shape[:2] and lab.max() == 1
 
 
+def test_zeroshot_scores_negated_free_text_from_the_affirmed_finding(server):
+    image = images(server, "chest")[0]
+    r = slicer_post(f"{server.url}/infer/zeroshot?image={image}&output=json",
+                    {"prompts": ["no pleural effusion", "free of cardiomegaly"]})
+    assert r.status_code == 200, r.text
+    p = {f["finding"]: f["probability"] for f in r.json()["findings"]}
+    assert abs(p["no pleural effusion"] - (1 - p["pleural effusion"])) < 2e-4
+    assert abs(p["free of cardiomegaly"] - (1 - p["cardiomegaly"])) < 2e-4
+    r = slicer_post(f"{server.url}/infer/zeroshot?image={image}&output=json", {"prompts": ["no"]})
+    assert r.status_code == 422 and "prompt" in r.json()["detail"], r.text
+
+
 def _download(server, image):
     r = requests.get(f"{server.url}/datastore/image", params={"image": image})
     assert r.status_code == 200

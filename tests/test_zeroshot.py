@@ -1,5 +1,6 @@
 """The committed default CLIP recognises findings zero-shot on held-out phantoms (coarse bound)."""
 import numpy as np
+import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
@@ -34,3 +35,23 @@ def test_negation_flips_the_answer():
         neg = ZeroShotScorer(bundle, ["pleural effusion"], positive=("no {}.", "no evidence of {}.", "{} is absent."),
                              negative=("{}.", "there is {}.", "{} is present."))(x)
     assert torch.allclose(pos + neg, torch.ones_like(pos), atol=1e-5)
+
+
+def test_negated_prompts_rank_the_images_without_the_finding_first():
+    """ "no cardiomegaly" (and other negation cues) is scored from the affirmed finding's evidence:
+    its probability is the complement and it ranks held-out phantoms in the reverse order."""
+    from clinlens.data.phantoms import make_chest
+
+    bundle = load_clip(device="cpu")
+    samples = [make_chest(81_000 + i, size=224) for i in range(16)]
+    x = bundle.pixel_values(np.stack([s.image for s in samples]).astype(np.float32)[..., None].repeat(3, -1) / 255)
+    prompts = ["cardiomegaly", "no cardiomegaly", "free of cardiomegaly", "no evidence of cardiomegaly"]
+    with torch.no_grad():
+        p = ZeroShotScorer(bundle, prompts)(x).numpy()
+    for j in (1, 2, 3):
+        np.testing.assert_allclose(p[:, j], 1 - p[:, 0], atol=1e-5)
+    has = np.array([s.concepts["cardiomegaly"] for s in samples], bool)
+    assert has.any() and (~has).any()
+    assert p[~has, 1].mean() > p[has, 1].mean()  # "no cardiomegaly" prefers the images without it
+    with pytest.raises(ValueError):
+        ZeroShotScorer(bundle, ["  "])

@@ -103,11 +103,11 @@ class _RegionTask(ClinlensInfer):
 
 class RegionSegInfer(_RegionTask):
     def __init__(self, region, vocab, labels):
-        # feeding the segment's previous mask back as a prompt costs Dice in the benchmark
-        # (benchmarks/results/interactive_seg.md ablation), so it is an option, off by default
+        # the segment's previous mask goes back in as a prompt while its clicks only grow (SAM-style
+        # refinement; the region model is trained for it and the benchmark's ablation shows it helps)
         super().__init__(region, vocab, labels, InferType.DEEPGROW, 2,
                          "Region-aware CLIP: clicks/box -> mask and what is here (2D)",
-                         config={"use_previous_mask": False})
+                         config={"use_previous_mask": True})
         self._last: OrderedDict = OrderedDict()  # (image, label) -> (fg points, mask) for mask prompts
 
     def run(self, request, image):
@@ -210,6 +210,15 @@ class TextSegInfer(_RegionTask):
             prompt = prompt[0] if prompt else self._config["prompt"][0]
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("'prompt' must be a finding name or free text")
+        from clinlens.text.negation import NEGATED, parse_prompt
+
+        try:
+            finding, polarity = parse_prompt(prompt)
+        except ValueError as e:
+            raise RequestError(f"bad 'prompt': {e}") from e
+        if polarity == NEGATED:
+            raise RequestError(f"'{prompt}' is negated: there is no region to segment; ask for '{finding}' "
+                               "(or use zeroshot, which scores negated prompts)")
         p = parse_prompts(request, image.size_ijk, dimension=2)
         pred = self.region.get()
         text = self._text(pred.bundle, prompt.strip())

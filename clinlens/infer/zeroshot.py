@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from clinlens.data.conventions import parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import RequestError, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import to_unit_rgb
 from clinlens.infer.base import ClinlensInfer, family_of
 from clinlens.models.zeroshot import ZeroShotScorer
@@ -52,8 +52,12 @@ class ZeroShotInfer(ClinlensInfer):
             extra = [extra]
         base = self.vocab[family_of(img)]
         names = base + [p for p in extra if isinstance(p, str) and p.strip() and p not in base]
+        try:
+            scorer = ZeroShotScorer(bundle, names)
+        except ValueError as e:  # an empty or finding-less free-text prompt
+            raise RequestError(f"bad prompt in 'prompts': {e}") from e
         with torch.inference_mode():
-            probs = ZeroShotScorer(bundle, names)(bundle.pixel_values(to_unit_rgb(plane)))[0].float().cpu().numpy()
+            probs = scorer(bundle.pixel_values(to_unit_rgb(plane)))[0].float().cpu().numpy()
         t_model = time.perf_counter()
 
         order = np.argsort(-probs)

@@ -268,8 +268,13 @@ class RegionPredictor:
         return out
 
     def predict_3d(self, volume_slices_fn, depth: int, image_key, fg_xyz=(), bg_xyz=(), box=None, **kw) -> dict:
-        """Clicks (x, y, z) and/or a box [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1]: segment every clicked
-        slice (a box alone: its middle slice), then propagate from each. Returns dict(mask (Z, H, W), seeds)."""
+        """Clicks (x, y, z) and/or a box [x0, y0, x1, y1] or [x0, y0, z0, x1, y1, z1] -> dict(mask (Z, H, W), seeds).
+
+        Every clicked slice is an anchor. Slices with foreground clicks (or, for a box alone, its middle
+        slice) are segmented from their clicks; slices with only background clicks refine the mask the
+        propagation brought there, with that mask as prompt. Each anchor propagates its mask until the
+        region ends, and each slice takes its mask from the nearest anchor (ties: the lower slice), so a
+        corrective click anywhere in the volume changes the slices around it."""
         fg = np.asarray(fg_xyz, float).reshape(-1, 3)
         bg = np.asarray(bg_xyz, float).reshape(-1, 3)
         box2d, zr = None, None
@@ -281,15 +286,34 @@ class RegionPredictor:
             seeds = [(zr[0] + zr[1] - 1) // 2 if zr else depth // 2]
         if not seeds:
             raise ValueError("predict_3d needs at least one foreground click or a box")
-        out, first = None, None
-        for z in seeds:
+        refine = sorted({int(round(z)) for z in bg[:, 2]} - set(seeds))
+        for z in seeds + refine:
             if not 0 <= z < depth:
                 raise ValueError(f"click on slice {z} is outside the volume of depth {depth}")
-            on = lambda p: p[np.round(p[:, 2]).astype(int) == z, :2]  # noqa: E731
-            b = box2d if (box2d is not None and (zr is None or zr[0] <= z < zr[1])) else None
-            res = self.predict(volume_slices_fn(z), image_key, on(fg), on(bg), b, slice=z)
+        on = lambda p, z: p[np.round(p[:, 2]).astype(int) == z, :2]  # noqa: E731
+        in_box = lambda z: box2d if (box2d is not None and (zr is None or zr[0] <= z < zr[1])) else None  # noqa: E731
+        anchors, first = {}, None
+        for z in seeds:
+            res = self.predict(volume_slices_fn(z), image_key, on(fg, z), on(bg, z), in_box(z), slice=z)
             first = first or res
-            if out is None:
-                out = np.zeros((depth,) + res["mask"].shape, bool)
-            self.propagate_3d(volume_slices_fn, depth, z, res["mask"], image_key, z_range=zr, out=out, **kw)
-        return {"mask": out, "seeds": seeds, "region_embedding": first["region_embedding"]}
+            anchors[z] = res["mask"]
+        out = self._propagate_anchors(volume_slices_fn, depth, image_key, anchors, zr, **kw)
+        for z in refine:  # background-only slices: correct what propagation brought there
+            if out[z].any():
+                anchors[z] = self.predict(volume_slices_fn(z), image_key, (), on(bg, z), None, mask_prompt=out[z],
+                                          slice=z)["mask"]
+        if len(anchors) > len(seeds):
+            out = self._propagate_anchors(volume_slices_fn, depth, image_key, anchors, zr, **kw)
+        return {"mask": out, "seeds": seeds, "refined": sorted(set(anchors) - set(seeds)),
+                "region_embedding": first["region_embedding"]}
+
+    def _propagate_anchors(self, volume_slices_fn, depth, image_key, anchors: dict, zr=None, **kw) -> np.ndarray:
+        """Propagate each anchor slice's mask through the slices nearer to it than to any other anchor."""
+        zs = sorted(anchors)
+        lo_all, hi_all = (0, depth) if zr is None else (max(0, zr[0]), min(depth, zr[1]))
+        out = np.zeros((depth,) + next(iter(anchors.values())).shape, bool)
+        for i, z in enumerate(zs):
+            lo = lo_all if i == 0 else max(lo_all, (zs[i - 1] + z) // 2 + 1)
+            hi = hi_all if i == len(zs) - 1 else min(hi_all, (z + zs[i + 1]) // 2 + 1)
+            self.propagate_3d(volume_slices_fn, depth, z, anchors[z], image_key, z_range=(lo, hi), out=out, **kw)
+        return out

@@ -1,8 +1,10 @@
 """Training of the MedP-CLIP region parts (methods.md §1, "Segmentation" and "Losses").
 
-- Data: (image float [H, W, 3] in [0, 1], object mask, caption) from phantoms
+- Data: (image float [H, W, 3] in [0, 1], object mask, caption[, prompt mask]) from phantoms
   (`phantom_region_examples`: every present chest finding, the derm lesion and its spatial
-  concepts, CT findings on slices through them) or from datastore label maps (`label_examples`).
+  concepts, CT findings on slices through them, and slice-propagation pairs whose prompt is the
+  neighbouring slice's mask, some past the object's end with an empty target) or from datastore
+  label maps (`label_examples`).
 - Interaction is simulated as in MONAI Label DeepEdit: a first click inside the object (sampled
   towards its centre through the distance transform), with some probability a jittered box or a
   perturbed mask prompt (as in slice propagation) instead or as well, then 0..`max_clicks`
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import platform
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
@@ -42,13 +46,14 @@ from clinlens.models.region_predictor import crop_window, focus_window
 
 # derm concepts whose mask is one contiguous region worth clicking on
 _DERM_OBJECTS = [c for c in DERM_SPATIAL if c in ("pigment network", "blue-white veil")]
-DEFAULTS = dict(steps=1000, batch=16, lr=1e-3, k=2, n_examples=900, time_budget_s=None)
+DEFAULTS = dict(steps=2000, batch=16, lr=1e-3, k=2, n_examples=900, time_budget_s=None)
 
 
 # ----------------------------------------------------------------------------- data
 def phantom_region_examples(seed: int, n: int, size: int = 256, families=("chest", "derm", "ct"),
-                            ct_shape=(48, 128, 128), min_pixels: int = 12):
-    """Yield `n` (image float [H, W, 3], mask bool [H, W], caption) objects from phantoms."""
+                            ct_shape=(48, 128, 128), min_pixels: int = 12, propagation: bool = True):
+    """Yield `n` (image float [H, W, 3], mask bool [H, W], caption) objects from phantoms; with
+    `propagation`, CT also gives (image, mask, caption, neighbouring slice's mask) propagation steps."""
     rng = np.random.default_rng(seed)
     count = 0
     for i in itertools.count():
@@ -73,19 +78,40 @@ def phantom_region_examples(seed: int, n: int, size: int = 256, families=("chest
                 area = m.sum(axis=(1, 2))
                 picks = {int(zs[np.argmax(area[zs])]), int(rng.choice(zs))}
                 objs += [(to_unit_rgb(s.image[z]), m[z], name) for z in sorted(picks)]
-        for img, m, cap in objs:
-            if m.sum() >= min_pixels:
-                yield img, m.astype(bool), cap
+                if propagation:
+                    objs += [(to_unit_rgb(s.image[z]), m[z], name, m[zp]) for z, zp in propagation_pairs(m, rng)]
+        for img, m, cap, *prompt in objs:
+            if m.sum() >= min_pixels or (prompt and prompt[0].sum() >= min_pixels):
+                yield (img, m.astype(bool), cap, *prompt)
                 count += 1
                 if count >= n:
                     return
 
 
-def label_examples(image_paths, label_paths, label_names, slices_per_label: int = 3, seed: int = 0):
+def propagation_pairs(m3: np.ndarray, rng, n: int = 2) -> list[tuple[int, int]]:
+    """(slice, neighbour) pairs for learning slice propagation: the neighbour's mask is the prompt, the
+    slice's mask the target. One pair sits at an end of the object (target empty: propagation must stop)."""
+    zs = np.flatnonzero(m3.any(axis=(1, 2)))
+    if len(zs) < 2:
+        return []
+    pairs = []
+    end = int(rng.integers(2))  # the slice just past the bottom or the top end of the object
+    z_out, z_in = (int(zs[0]) - 1, int(zs[0])) if end == 0 else (int(zs[-1]) + 1, int(zs[-1]))
+    if 0 <= z_out < len(m3):
+        pairs.append((z_out, z_in))
+    for _ in range(n - len(pairs)):
+        z = int(rng.choice(zs[1:]))
+        pairs.append((z, z - 1) if rng.random() < 0.5 else (int(zs[np.searchsorted(zs, z) - 1]), z))
+    return pairs
+
+
+def label_examples(image_paths, label_paths, label_names, slices_per_label: int = 3, seed: int = 0,
+                   propagation: bool = True):
     """Yield (image, mask, caption) from datastore label maps: each label index is one object.
 
     `label_names` maps name -> index ({"nodule": 1}) or is a list (index i + 1 -> name). 3D volumes
-    give up to `slices_per_label` axial slices per label (the largest one first)."""
+    give up to `slices_per_label` axial slices per label (the largest one first) and, with
+    `propagation`, one slice-propagation step (image, mask, caption, neighbouring slice's mask)."""
     from clinlens.data.image_io import load_image
 
     names = ({i + 1: n for i, n in enumerate(label_names)} if isinstance(label_names, (list, tuple))
@@ -112,6 +138,9 @@ def label_examples(image_paths, label_paths, label_names, slices_per_label: int 
             pick += [int(z) for z in rng.choice(rest, min(len(rest), slices_per_label - 1), replace=False)] if rest else []
             for z in pick:
                 yield to_unit_rgb(arr[z]), m3[z], name
+            if propagation:
+                for z, zp in propagation_pairs(m3, rng, n=1):
+                    yield to_unit_rgb(arr[z]), m3[z], name, m3[zp]
 
 
 # ----------------------------------------------------------------------------- interaction simulation
@@ -168,23 +197,27 @@ class _Episode:
     __slots__ = ("pixels", "target", "points", "labels", "box", "mask_prompt", "caption")
 
 
-def _make_episode(img_u8, mask, caption, rng, S: int, mask_hw, min_side: int, expand: float, p_box: float,
+def _make_episode(img_u8, mask, caption, prompt, rng, S: int, mask_hw, min_side: int, expand: float, p_box: float,
                   p_mask: float, augment: bool):
+    """`prompt` (a neighbouring slice's mask) or None; with it the episode is a propagation step
+    (mask + its box as prompts, no click) and `mask` may be empty."""
     img = img_u8
     if augment and rng.random() < 0.3:  # rotations/flips: fine for segmentation and name captions
         k = int(rng.integers(1, 4))
         img, mask = np.rot90(img, k), np.rot90(mask, k)
+        prompt = None if prompt is None else np.rot90(prompt, k)
         if rng.random() < 0.5:
             img, mask = img[:, ::-1], mask[:, ::-1]
+            prompt = None if prompt is None else prompt[:, ::-1]
     H, W = mask.shape
-    mode = rng.choice(3, p=[1 - p_box - p_mask, p_box, p_mask])
+    mode = 2 if prompt is not None else rng.choice(3, p=[1 - p_box - p_mask, p_box, p_mask])
     fg, box, mprompt = [], None, None
-    if mode == 0 or rng.random() < 0.35:
+    if prompt is None and (mode == 0 or rng.random() < 0.35):
         fg.append(center_click(mask, rng))
     if mode == 1:
         box = _jitter_box(mask_box(mask), rng)
     if mode == 2:
-        mprompt = _perturb_mask(mask, rng)
+        mprompt = _perturb_mask(mask if prompt is None else prompt, rng)
         box = mask_box(mprompt)
     scale = rng.uniform(0.75, 1.8) if augment else 1.0
     win = focus_window((H, W), fg, box, mprompt, expand * rng.uniform(0.8, 1.3) if augment else expand,
@@ -250,14 +283,15 @@ def _as_pool(samples_or_iterator, max_pool: int):
     """Materialise examples as (uint8 image, bool mask, caption) to keep memory small."""
     it = samples_or_iterator if isinstance(samples_or_iterator, (list, tuple)) else itertools.islice(samples_or_iterator, max_pool)
     pool = []
-    for img, m, cap in it:
+    for img, m, cap, *prompt in it:
         img = np.asarray(img)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, -1)
         u8 = img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
         m = np.asarray(m, bool)
-        if m.any():
-            pool.append((u8, m, str(cap)))
+        prompt = np.asarray(prompt[0], bool) if prompt and np.any(prompt[0]) else None
+        if m.any() or prompt is not None:
+            pool.append((u8, m, str(cap), prompt))
     if not pool:
         raise ValueError("no training objects (every mask was empty)")
     return pool
@@ -273,13 +307,18 @@ def train_region(bundle, samples_or_iterator, out_path, steps: int = DEFAULTS["s
     """Train the region parts of a `RegionCLIP` on `bundle`'s frozen CLIP; publish to `out_path`.
 
     `device` (default: the bundle's) moves the bundle's CLIP there. `init` is a region checkpoint to
-    continue from (its k wins). Returns a summary dict (also written to the JSON beside the file)."""
+    continue from (its k wins). Returns a summary dict (also written to the JSON beside the file).
+    Inside an initialised `torch.distributed` group (`train_region_ddp`) the trainable step runs under
+    DistributedDataParallel, each rank draws its own episodes, and rank 0 publishes."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed if world == 1 else [seed, rank])
+    g = torch.Generator().manual_seed(seed + rank)
+    if rank:
+        log, progress = (lambda *_: None), False
     dev = torch.device(device) if device is not None else bundle.device
     if dev != bundle.device:
         bundle.model.to(dev)
@@ -289,8 +328,14 @@ def train_region(bundle, samples_or_iterator, out_path, steps: int = DEFAULTS["s
         p.requires_grad_(False)
     model = RegionCLIP.load(bundle, init, device=dev) if init else RegionCLIP(clip, k=k).to(dev)
     model.train()
+    step_fn = model.forward_from_trunk
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_fn = DDP(_Step(model), device_ids=[dev.index] if dev.type == "cuda" else None,
+                      find_unused_parameters=True)
     pool = _as_pool(samples_or_iterator, max_pool)
-    names = sorted({c for _, _, c in pool})
+    names = sorted({c for _, _, c, _ in pool})
     log(f"{len(pool)} objects, {len(names)} captions, prep {time.time() - t0:.1f}s")
     with torch.no_grad():
         text = torch.stack([bundle.encode_texts([t.format(n) for n in names], cache=False).float()
@@ -336,12 +381,14 @@ def train_region(bundle, samples_or_iterator, out_path, steps: int = DEFAULTS["s
                     e.points.append(tuple(ResizeMap(mask_hw, (S, S)).points_to_model([[cx, cy]])[0]))
                     e.labels.append(lab)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            out = model.forward_from_trunk(hidden, *_batch_prompts(eps, dev))
+            out = step_fn(hidden, *_batch_prompts(eps, dev))
             logits = out["mask_logits"].float()
             dl, bce = dice_bce_loss(logits, target)
             loss = dl + bce
             t_emb = text[int(rng.integers(len(REGION_TEMPLATES)))].to(dev)
-            l_text = F.cross_entropy(scale * out["region_embedding"].float() @ t_emb.T, cap)
+            present = target.flatten(1).amax(1) > 0  # an empty target (past the object's end) names nothing
+            l_text = (F.cross_entropy(scale * out["region_embedding"].float() @ t_emb.T, cap, reduction="none")
+                      * present).sum() / present.sum().clamp(min=1)
             loss = loss + w_text * l_text
             l_glob = (1 - (out["global_embedding"].float() * plain).sum(-1)).mean() if w_global else torch.zeros(())
             loss = loss + w_global * l_glob
@@ -362,20 +409,88 @@ def train_region(bundle, samples_or_iterator, out_path, steps: int = DEFAULTS["s
             hist[k_].append(float(v.detach()))
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(hist['loss'][-20:]):.3f}", dice=f"{np.mean(hist['dice'][-20:]):.2f}")
-        if time_budget_s is not None and time.time() - t0 > time_budget_s:
+        stop = time_budget_s is not None and time.time() - t0 > time_budget_s
+        if world > 1 and time_budget_s is not None:  # every rank stops at the same step
+            flag = torch.tensor([float(stop)], device=dev)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             log(f"time budget {time_budget_s:.0f}s reached after {done} steps")
             break
     model.eval()
+    in_sync = None
+    if world > 1:  # DDP keeps the replicas equal: check it, then only rank 0 publishes
+        vec = torch.nn.utils.parameters_to_vector([p.detach().float() for p in model.parameters()])
+        ref = vec.clone()
+        dist.broadcast(ref, 0)
+        same = torch.tensor([float(torch.equal(vec, ref))], device=dev)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        in_sync = bool(same.item())
     summary = {
         "seed": seed, "steps": done, "steps_planned": steps, "batch": batch, "lr": lr, "k": model.k,
         "objects": len(pool), "captions": names, "max_clicks": max_clicks, "p_prev": p_prev, "min_side": min_side, "expand": expand,
         **{f"final_{k_}": round(float(np.mean(v[-20:])), 4) for k_, v in hist.items()},
         "device": str(dev), "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "clip": str(bundle.path), **(extra or {}),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu", "clip": str(bundle.path),
+        "world_size": world, **({"replicas_in_sync": in_sync} if world > 1 else {}), **(extra or {}),
     }
-    model.save(out_path, extra={"training": summary})
-    log(f"published {out_path}: {done} steps, train dice {summary['final_dice']:.3f}, {summary['seconds']}s")
+    if rank == 0:
+        model.save(out_path, extra={"training": summary})
+        log(f"published {out_path}: {done} steps, train dice {summary['final_dice']:.3f}, {summary['seconds']}s")
+    if world > 1:
+        dist.barrier()
     return summary
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _Step(torch.nn.Module):
+    """The trainable part of one step as a module, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden, *prompts):
+        return self.model.forward_from_trunk(hidden, *prompts)
+
+
+def _ddp_worker(rank, world, backend, port, clip_path, examples, out_path, kw, result_path):
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)
+        summary = train_region(load_clip(clip_path, device=device), examples, out_path, **kw)
+        if rank == 0:
+            Path(result_path).write_text(json.dumps(summary))
+    finally:
+        dist.destroy_process_group()
+
+
+def train_region_ddp(clip_path, examples, out_path, world_size: int | None = None, backend: str | None = None,
+                     **kw) -> dict:
+    """`train_region` on `world_size` processes (default: every GPU), one per GPU with NCCL, or CPU
+    processes with gloo (tests): MONAI Label's multi-GPU pattern (torch.multiprocessing.spawn + DDP).
+    Each rank draws `batch` episodes per step, so the global batch is world_size x batch."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from clinlens.server import free_port
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    world_size = world_size or (torch.cuda.device_count() if backend == "nccl" else 2)
+    examples = list(examples)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "summary.json"
+        mp.spawn(_ddp_worker, args=(world_size, backend, free_port(), str(clip_path), examples, str(out_path), kw,
+                                    str(result)), nprocs=world_size, join=True)
+        return json.loads(result.read_text())
 
 
 def train_region_default(out_dir=DEFAULT_CLIP_DIR, seed: int = 0, steps: int = DEFAULTS["steps"],
@@ -385,7 +500,7 @@ def train_region_default(out_dir=DEFAULT_CLIP_DIR, seed: int = 0, steps: int = D
                          **kw) -> dict:
     """Train the shipped region model from phantoms on the CLIP in `out_dir`; writes `out_dir/region.safetensors`.
 
-    Measured: 1000 steps x 16 (900 phantom objects) in 560 s on 2 shared CPU cores with 1 torch
+    Measured: 2000 steps x 16 (900 phantom objects) in 1101 s on 2 shared CPU cores with 1 torch
     thread. On CPU it runs `cpu_threads` torch threads (1 by default: on 2 cores shared with another
     torch process, 2 OpenMP threads ran 5-20x slower); `time_budget_s` (off by default, so the
     result depends only on the seed) stops early and still publishes."""
@@ -395,7 +510,7 @@ def train_region_default(out_dir=DEFAULT_CLIP_DIR, seed: int = 0, steps: int = D
     if bundle.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     log(f"train-region: {steps} steps x batch {batch} on {n_examples} phantom objects, "
-        f"{torch.get_num_threads()} torch thread(s); about 9-10 minutes on 2 CPU cores, less with a GPU"
+        f"{torch.get_num_threads()} torch thread(s); about 18-21 minutes on 2 CPU cores, less with a GPU"
         + (f" (hard stop after {time_budget_s:.0f}s)" if time_budget_s else ""))
     try:
         examples = phantom_region_examples(seed, n_examples)

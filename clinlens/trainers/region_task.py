@@ -3,7 +3,9 @@
 Learns from the datastore's `final` labels: every segment of a multi-label map is one object,
 named by the label's `label_info` (what Slicer's Save Label sends) or the app's label table.
 Continues from the current region model and publishes atomically, so inference hot-reloads it.
-Runs in MONAI Label's training subprocess; progress goes to a stats file the server reads.
+Runs in MONAI Label's training subprocess; progress goes to a stats file the server reads. With
+more than one GPU and `multi_gpu` (default on), it trains on all of them with DDP
+(`train_region_ddp`, MONAI Label's spawn-one-process-per-GPU pattern).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from clinlens.models.clip import load_clip
 from clinlens.models.region_clip import region_path
-from clinlens.trainers.region_seg import label_examples, train_region
+from clinlens.trainers.region_seg import label_examples, train_region, train_region_ddp
 
 
 def label_names(info: dict | None, fallback: dict) -> dict:
@@ -36,7 +38,8 @@ class RegionSegTrain(TrainTask):
         self.stats_path = self.publish_path.with_suffix(".train_stats.json")
 
     def config(self):
-        return {"steps": 200, "batch": 8, "lr": 5e-4, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        return {"steps": 200, "batch": 8, "lr": 5e-4, "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "multi_gpu": True}
 
     def stats(self):
         try:
@@ -59,13 +62,17 @@ class RegionSegTrain(TrainTask):
         for i in ids:
             names = label_names(datastore.get_label_info(i, "final"), self.labels)
             examples += list(label_examples([datastore.get_image_uri(i)], [datastore.get_label_uri(i, "final")], names))
-        bundle = load_clip(self.clip.path, device=conf["device"])
-        init = self.publish_path if self.publish_path.is_file() else region_path(bundle.path)
+        init = self.publish_path if self.publish_path.is_file() else region_path(self.clip.path)
         start = time.time()
         self._write_stats(status="RUNNING", start_ts=int(start), total_time="0s", images=len(ids), objects=len(examples))
-        summary = train_region(bundle, examples, self.publish_path, steps=int(conf["steps"]), batch=int(conf["batch"]),
-                               lr=float(conf["lr"]), init=init if init.is_file() else None, progress=True,
-                               extra={"source": "datastore final labels", "images": len(ids)})
+        kw = dict(steps=int(conf["steps"]), batch=int(conf["batch"]), lr=float(conf["lr"]),
+                  init=init if init.is_file() else None, progress=True,
+                  extra={"source": "datastore final labels", "images": len(ids)})
+        gpus = torch.cuda.device_count() if str(conf["device"]).startswith("cuda") else 0
+        if gpus > 1 and str(conf["multi_gpu"]).lower() == "true":
+            summary = train_region_ddp(self.clip.path, examples, self.publish_path, world_size=gpus, backend="nccl", **kw)
+        else:
+            summary = train_region(load_clip(self.clip.path, device=conf["device"]), examples, self.publish_path, **kw)
         self._write_stats(status="DONE", start_ts=int(start), total_time=f"{time.time() - start:.0f}s", images=len(ids),
                           objects=len(examples), steps=summary["steps"], train_dice=summary.get("final_dice"))
         return summary

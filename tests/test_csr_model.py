@@ -1,0 +1,358 @@
+"""CSR model (methods.md §2): stages, loss, clinician interaction, text grounding, atlas, checkpoints, training."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clinlens.data.phantoms import DERM_CONCEPTS, DERM_DIAGNOSES, make_derm
+from clinlens.models.csr import CSRModel, box_importance, concept_text_embeddings, patch_features
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+M = 3
+
+
+def _model(bundle, seed=0, **kw):
+    torch.manual_seed(seed)
+    return CSRModel.from_bundle(bundle, DERM_CONCEPTS, DERM_DIAGNOSES, n_prototypes=M, **kw)
+
+
+@pytest.fixture(scope="module")
+def derm(bundle):
+    """90 small derm phantoms (96 px): pixel values, features, concept and class labels."""
+    samples = [make_derm(i, size=96) for i in range(90)]
+    pv = bundle.pixel_values(np.stack([s.image for s in samples]).astype(np.float32) / 255)
+    with torch.no_grad():
+        feats = patch_features(bundle.model.vision_model, pv)
+    y = torch.tensor([[s.concepts[c] for c in DERM_CONCEPTS] for s in samples], dtype=torch.float32)
+    cls = torch.tensor([DERM_DIAGNOSES.index(s.diagnosis) for s in samples])
+    return pv, feats, y, cls
+
+
+def _auroc(score, label):
+    """Macro AUROC over the columns that have both classes (Mann-Whitney, ties averaged)."""
+    out = []
+    for s, y in zip(score.T.tolist(), label.T.tolist()):
+        s, y = np.asarray(s), np.asarray(y) > 0.5
+        if y.all() or not y.any():
+            continue
+        order = np.argsort(s, kind="mergesort")
+        ranks = np.empty(len(s))
+        ranks[order] = np.arange(1, len(s) + 1)
+        for v in np.unique(s):
+            ranks[s == v] = ranks[s == v].mean()
+        n1 = y.sum()
+        out.append((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
+    return float(np.mean(out))
+
+
+def test_shapes_of_every_stage_and_frozen_backbone(bundle, derm):
+    pv = derm[0][:2]
+    m = _model(bundle)
+    K, P, D = len(DERM_CONCEPTS), len(DERM_CONCEPTS) * M, 128
+    f = m.features(pv)
+    assert f.shape == (2, D, 14, 14) and not f.requires_grad
+    cams = m.cams(f)
+    assert cams.shape == (2, K, 14, 14) and m.pool_cams(cams).shape == (2, K)
+    v, drawn = m.concept_vectors(f, cams)
+    assert v.shape == (2, K, D) and not drawn.any()
+    # stage 2 default weights are softmax_hw(cam_k)
+    w = cams.flatten(2).softmax(-1)
+    assert torch.allclose(v, torch.einsum("bkn,bdn->bkd", w, f.flatten(2)), atol=1e-5)
+    vp = m.project(v)
+    assert vp.shape == (2, K, 128) and torch.allclose(vp.norm(dim=-1), torch.ones(2, K), atol=1e-5)
+    assert m.concept_similarity(vp.flatten(0, 1)).shape == (2 * K, K)
+    out = m(pv)
+    assert out["sim_maps"].shape == (2, P, 14, 14) and out["proto_scores"].shape == (2, P)
+    assert out["concept_scores"].shape == (2, K) and out["logits"].shape == (2, len(DERM_DIAGNOSES))
+    assert out["importance"].shape == (2, 1, 14, 14) and bool((out["importance"] == 1).all())
+    assert torch.allclose(out["concept_scores"], out["proto_scores"].view(2, K, M).amax(-1))
+    # cached features give the same answer as pixels
+    assert torch.allclose(m(features=f)["logits"], out["logits"])
+    # losses: every stage's parts get gradients; the frozen CLIP gets none
+    m.train()
+    y = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0]], dtype=torch.float32)
+    loss = m.losses(y, torch.tensor([0, 2]), pixel_values=pv)
+    assert set(loss) == {"bce", "contrastive", "text", "task", "total"}
+    assert all(torch.isfinite(x) for x in loss.values()) and loss["contrastive"] > 0
+    loss["total"].backward()
+    for p in (m.concept_w, m.prototypes, m.proj_lin.weight, m.proj_mlp[2].weight, m.task_w):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bundle.model.parameters())
+    assert not any(k.startswith("backbone.") for k in m.state_dict())
+    # fine-tuning: an own, saved copy of the vision tower that learns
+    ft = _model(bundle, finetune_backbone=True).train()
+    assert any(k.startswith("backbone.") for k in ft.state_dict())
+    ft.losses(y, torch.tensor([0, 2]), pixel_values=pv)["total"].backward()
+    assert ft.backbone.encoder.layers[-1].mlp.fc2.weight.grad.abs().sum() > 0
+    assert ft.backbone is not bundle.model.vision_model
+    assert all(p.grad is None for p in bundle.model.parameters())
+    avg = _model(bundle, cam_pool="avg")
+    assert torch.allclose(avg.pool_cams(cams), cams.mean((2, 3)))
+
+
+def test_contrastive_loss_formula_margin_sign_and_learning(bundle):
+    torch.manual_seed(0)
+    m = _model(bundle, seed=1)
+    K = len(DERM_CONCEPTS)
+    vp = F.normalize(torch.randn(12, 128), dim=-1)
+    tgt = torch.arange(12) % K
+    # the formula, by hand: soft assignment over each concept's M prototypes, then the margin CE
+    lam, gam, dl = 10.0, 5.0, 0.1
+    p = F.normalize(m.prototypes.detach(), dim=-1).view(K, M, -1)
+    dots = torch.einsum("ne,kme->nkm", vp, p)
+    sim = ((gam * dots).softmax(-1) * dots).sum(-1)
+    assert torch.allclose(m.concept_similarity(vp), sim, atol=1e-5)
+    logit = lam * sim - lam * dl * F.one_hot(tgt, K)
+    ref = -(logit.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logit, 1)).mean()
+    plus = m.contrastive_loss(vp, tgt)
+    assert torch.allclose(plus, ref, atol=1e-5)
+    m.config["margin_sign"] = -1.0
+    minus = m.contrastive_loss(vp, tgt)
+    assert minus < plus - 0.05  # adding δ to the target similarity makes the task easier
+    m.config["margin_sign"] = 1.0
+    with pytest.raises(ValueError):
+        _model(bundle, margin_sign=0.5)
+
+    # toy problem: concept vectors around K random centres; the loss must fall a lot
+    centres = torch.randn(K, 128) * 2
+    v = centres[tgt] + 0.5 * torch.randn(12, 128)
+    opt = torch.optim.Adam([m.prototypes, *m.proj_mlp.parameters(), m.proj_lin.weight], lr=1e-2)
+    first = m.contrastive_loss(m.project(v), tgt).item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = m.contrastive_loss(m.project(v), tgt)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+
+
+def test_box_importance_maps_and_rescoring(bundle, derm):
+    m = _model(bundle)
+    # one convention: pixel [x0, y0, x1, y1) on the 224 model input; 16 px patches; any overlap counts
+    a = box_importance([[64, 48, 80, 64]], None, 0.2, 1, 224, (14, 14))
+    assert a[0, 0, 3, 4] == 1 and a.sum() == pytest.approx(1 + 0.2 * 195)
+    a = box_importance(None, [[64, 48, 80, 64]], 0.2, 1, 224, (14, 14))
+    assert a[0, 0, 3, 4] == 0 and a.sum() == 195  # only negative boxes: the rest keeps weight 1
+    a = box_importance([[64, 48, 81, 64]], None, 0.2, 1, 224, (14, 14))
+    assert a[0, 0, 3, 4] == 1 and a[0, 0, 3, 5] == 1 and a[0, 0, 3, 6] == pytest.approx(0.2)
+    assert a.sum() == pytest.approx(2 + 0.2 * 194)
+    # negative wins over positive; per-image lists
+    a = box_importance([[[0, 0, 224, 224]], []], [[0, 0, 16, 16]], 0.3, 2, 224, (14, 14))
+    assert a[0, 0, 0, 0] == 0 and a[0, 0, 5, 5] == 1 and bool((a[1, 0, 1:, 1:] == 1).all()) and a[1, 0, 0, 0] == 0
+    for bad in ([[0, 0, 225, 10]], [[10, 10, 10, 20]], [[-1, 0, 5, 5]]):
+        with pytest.raises(ValueError):
+            m.importance_map(pos_boxes=bad)
+    with pytest.raises(ValueError):
+        m.importance_map(alpha=1.5)
+
+    # synthetic maps: one piece of evidence at patch (3, 4) for prototype 0
+    s = torch.zeros(1, m.n_prototypes, 14, 14)
+    s[0, 0, 3, 4] = 0.9
+    sc = lambda **kw: m.scores_from_maps(s, m.importance_map(alpha=0.2, **kw))[0, 0].item()  # noqa: E731
+    assert sc() == pytest.approx(0.9)
+    assert sc(neg_boxes=[64, 48, 80, 64]) == 0.0  # a negative box over the only evidence zeroes it
+    assert sc(pos_boxes=[64, 48, 80, 64]) == pytest.approx(0.9)
+    assert sc(pos_boxes=[0, 0, 32, 32]) == pytest.approx(0.2 * 0.9)  # evidence outside the focus: α
+    # through the full model: A reweights every map before the max
+    pv = derm[0][:1]
+    base = m(pv)
+    out = m(pv, pos_boxes=[[0, 0, 112, 112]], neg_boxes=[[0, 0, 32, 32]], alpha=0.5)
+    a = m.importance_map([[0, 0, 112, 112]], [[0, 0, 32, 32]], 0.5)
+    assert torch.allclose(out["proto_scores"], (base["sim_maps"] * a).flatten(2).amax(-1))
+    assert not torch.allclose(out["proto_scores"], base["proto_scores"])
+    assert torch.allclose(out["logits"], out["proto_scores"] @ m.task_w.T + m.task_b)
+    assert bool((m(pv, neg_boxes=[0, 0, 224, 224])["proto_scores"] == 0).all())
+
+
+def test_reject_concepts_zeroes_scores(bundle, derm):
+    m = _model(bundle)
+    with torch.no_grad():
+        m.task_w.normal_()
+    pv = derm[0][:2]
+    base = m(pv)
+    out = m(pv, reject_concepts=["streaks", 0])
+    k = DERM_CONCEPTS.index("streaks")
+    assert bool((out["concept_scores"][:, [0, k]] == 0).all())
+    assert torch.equal(out["concept_scores"][:, 1:k], base["concept_scores"][:, 1:k])
+    rej = (m.proto_concept == 0) | (m.proto_concept == k)
+    assert bool((out["proto_scores"][:, rej] == 0).all())
+    manual = base["proto_scores"].masked_fill(rej, 0) @ m.task_w.T + m.task_b
+    assert torch.allclose(out["logits"], manual, atol=1e-6) and not torch.allclose(out["logits"], base["logits"])
+    with pytest.raises(ValueError, match="unknown concepts"):
+        m(pv, reject_concepts=["freckles"])
+
+
+def test_drawn_region_vectors_are_masked_means(bundle, derm):
+    m = _model(bundle)
+    pv = derm[0][:2]
+    f = m.features(pv)
+    cams = m.cams(f)
+    k = DERM_CONCEPTS.index("blue-white veil")
+    grid = torch.zeros(2, len(DERM_CONCEPTS), 14, 14)
+    grid[0, k, 2:6, 3:9] = 1
+    v_cam, _ = m.concept_vectors(f, cams)
+    v, drawn = m.concept_vectors(f, cams, grid)
+    assert drawn.tolist() == [[i == k for i in range(len(DERM_CONCEPTS))], [False] * len(DERM_CONCEPTS)]
+    assert torch.allclose(v[0, k], f[0, :, 2:6, 3:9].mean((1, 2)), atol=1e-5)
+    others = ~drawn
+    assert torch.allclose(v[others], v_cam[others])
+    # the same region drawn in pixels of the model input (patch-aligned) gives the same vector
+    pix = torch.zeros(2, len(DERM_CONCEPTS), 224, 224)
+    pix[0, k, 32:96, 48:144] = 1
+    assert torch.allclose(m.concept_vectors(f, cams, pix)[0][0, k], v[0, k], atol=1e-5)
+    # a drawn concept counts as present in the contrastive loss even when unlabelled
+    y = torch.zeros(2, len(DERM_CONCEPTS))
+    assert m.losses(y, features=f)["contrastive"] == 0
+    assert m.losses(y, features=f, region_masks=grid)["contrastive"] > 0
+
+
+def test_text_grounding_init_regulariser_and_new_concept(bundle, derm):
+    anchors = concept_text_embeddings(bundle, DERM_CONCEPTS)
+    m = _model(bundle, proto_init_noise=0.0)
+    assert torch.allclose(m.text_anchors, anchors)
+    assert torch.allclose(m.prototypes, anchors.repeat_interleave(M, 0), atol=1e-6)
+    assert float(m.text_anchor_loss().detach()) == pytest.approx(0.0, abs=1e-6)
+    # the anchor space: at init the projector is CLIP's own visual projection of the patch tokens
+    f = m.features(derm[0][:1])
+    tok = f.flatten(2).transpose(1, 2)
+    assert torch.allclose(m.project(tok), F.normalize(bundle.model.visual_projection(tok), dim=-1), atol=1e-5)
+    # so S at init is CLIP's patch–text cosine, and the concept head is <t_k, W_clip f>
+    sim = m.similarity_maps(f).flatten(2)[0, ::M]
+    assert torch.allclose(sim, (anchors @ m.project(tok)[0].T), atol=1e-5)
+    assert torch.allclose(m.cams(f).flatten(2)[0], anchors @ bundle.model.visual_projection(tok)[0].T, atol=1e-4)
+    noisy = _model(bundle, proto_init_noise=0.1)
+    cos = (F.normalize(noisy.prototypes, dim=-1) * anchors.repeat_interleave(M, 0)).sum(-1)
+    assert bool((cos > 0.98).all()) and bool((cos < 1 - 1e-4).all())
+    # the regulariser pulls displaced prototypes back
+    with torch.no_grad():
+        m.prototypes.add_(0.1 * torch.randn_like(m.prototypes))
+    before = float(m.text_anchor_loss().detach())
+    opt = torch.optim.Adam([m.prototypes], lr=0.05)
+    for _ in range(20):
+        opt.zero_grad()
+        m.text_anchor_loss().backward()
+        opt.step()
+    assert before > 0.01 and float(m.text_anchor_loss().detach()) < 0.3 * before
+
+    # a new concept by text grows every head and leaves predictions unchanged until trained
+    m = _model(bundle)
+    with torch.no_grad():
+        m.task_w.normal_()
+    before = m(features=f)
+    ids = m.add_concept_by_text(bundle, "regression structures", "white scar-like depigmentation.")
+    K = len(DERM_CONCEPTS) + 1
+    assert m.concepts[-1] == "regression structures" and len(ids) == M and ids[0] == K * M - M
+    assert m.concept_w.shape[0] == K and m.concept_b.shape == (K,) and m.text_anchors.shape[0] == K
+    assert m.prototypes.shape[0] == K * M and m.task_w.shape == (len(DERM_DIAGNOSES), K * M)
+    new = concept_text_embeddings(bundle, ["regression structures"], ["white scar-like depigmentation."])[0]
+    assert torch.allclose(m.text_anchors[-1], new)
+    assert bool(((F.normalize(m.prototypes[-M:], dim=-1) @ new) > 0.98).all())
+    after = m(features=f)
+    assert after["concept_scores"].shape == (1, K) and after["cams"].shape[1] == K
+    assert torch.allclose(after["logits"], before["logits"], atol=1e-6)
+    y = torch.zeros(1, K)
+    y[0, -1] = 1
+    assert torch.isfinite(m.losses(y, torch.tensor([1]), features=f)["total"])
+    with pytest.raises(ValueError):
+        m.add_concept_by_text(bundle, "streaks")
+
+
+def test_atlas_pruning_and_refit(bundle, derm):
+    pv, feats, y, cls = derm
+    m = _model(bundle)
+    items = [(f"img{i}", pv[i]) for i in range(6)] + [([f"img{i}" for i in range(6, 10)], pv[6:10])]
+    atlas = m.build_atlas(items)
+    assert len(atlas) == m.n_prototypes and m.atlas == atlas
+    maps = m.similarity_maps(feats[:10]).detach()
+    for e in atlas[:: M + 1]:
+        i, (r, c) = int(e["image_id"][3:]), e["patch"]
+        j = m.proto_ids.tolist().index(e["prototype_id"])
+        assert e["box"] == [16 * c, 16 * r, 16 * c + 16, 16 * r + 16]
+        assert e["similarity"] == pytest.approx(float(maps[:, j].max().detach()), abs=1e-5)
+        assert float(maps[i, j, r, c]) == pytest.approx(e["similarity"], abs=1e-5)
+        assert e["concept"] == DERM_CONCEPTS[int(m.proto_concept[j])]
+    # prune: all of concept 0 and one of concept 2
+    scores = m(features=feats)["proto_scores"].detach()
+    drop = [0, 1, 2, 2 * M + 1]
+    keep = m.prune_prototypes(drop)
+    assert m.n_prototypes == len(DERM_CONCEPTS) * M - 4 and m.task_w.shape[1] == m.n_prototypes
+    assert not set(drop) & set(m.proto_ids.tolist()) and not {e["prototype_id"] for e in m.atlas} & set(drop)
+    assert torch.allclose(scores[:, keep], m(features=feats)["proto_scores"], atol=1e-6)
+    out = m(features=feats)
+    assert bool((out["concept_scores"][:, 0] == 0).all())
+    loss = m.losses(y, cls, features=feats)
+    loss["total"].backward()
+    assert torch.isfinite(loss["total"]) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="unknown prototype ids"):
+        m.prune_prototypes([0])
+    # refit the head on the stored scores
+    old = float(((scores[:, keep] @ m.task_w.T + m.task_b).argmax(1) == cls).float().mean())
+    majority = float(torch.bincount(cls).max()) / len(cls)
+    acc = m.refit_task_head(scores[:, keep], cls, method="logreg")
+    assert acc > max(old, majority) + 0.1
+    assert acc == pytest.approx(float((m(features=feats)["logits"].argmax(1) == cls).float().mean()))
+    assert m.refit_task_head(scores[:, keep], cls, method="lstsq") > majority + 0.1
+    with pytest.raises(ValueError):
+        m.refit_task_head(scores, cls)
+
+
+def test_save_load_round_trip_is_bitwise(bundle, derm, tmp_path):
+    pv, feats = derm[0][:3], derm[1][:3]
+    m = _model(bundle)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    m.add_concept_by_text(bundle, "milia-like cysts")
+    m.build_atlas([(["a", "b", "c"], pv)])
+    m.prune_prototypes([4, 7])
+    path = m.save(tmp_path / "csr.safetensors", extra={"steps": 3})
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["steps"] == 3 and info["n_prototypes"] == m.n_prototypes and info["config"]["concepts"][-1] == "milia-like cysts"
+    back = CSRModel.load(bundle, path)
+    a, b = m.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert back.concepts == m.concepts and back.classes == m.classes and back.config == m.config
+    assert back.atlas == m.atlas and len(back.atlas) == m.n_prototypes
+    o1, o2 = m.eval()(features=feats), back(features=feats)
+    assert all(torch.equal(o1[k], o2[k]) for k in o1)
+    # a fine-tuned backbone travels in the file
+    ft = _model(bundle, finetune_backbone=True)
+    with torch.no_grad():
+        ft.backbone.encoder.layers[-1].mlp.fc2.weight.add_(0.1)
+    back = CSRModel.load(bundle, ft.save(tmp_path / "ft.safetensors"))
+    assert torch.equal(back.backbone.encoder.layers[-1].mlp.fc2.weight, ft.backbone.encoder.layers[-1].mlp.fc2.weight)
+    assert torch.equal(back(pv)["logits"], ft(pv)["logits"])
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "nope"})
+    with pytest.raises(ValueError, match="not a clinlens CSR model"):
+        CSRModel.load(bundle, tmp_path / "other.safetensors")
+
+
+def test_short_training_improves_concept_auroc(bundle, derm):
+    _, feats, y, cls = derm
+    tr, te = slice(0, 60), slice(60, 90)
+    m = _model(bundle, seed=3)
+    with torch.no_grad():
+        o = m(features=feats[te])
+    before_cam, before_sim = _auroc(o["concept_logits"], y[te]), _auroc(o["concept_scores"], y[te])
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    m.train()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = m.losses(y[tr], cls[tr], features=feats[tr])
+        loss["total"].backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        o = m(features=feats[te])
+        acc = float((m(features=feats[tr])["logits"].argmax(1) == cls[tr]).float().mean())
+        test_acc = float((o["logits"].argmax(1) == cls[te]).float().mean())
+    after_cam, after_sim = _auroc(o["concept_logits"], y[te]), _auroc(o["concept_scores"], y[te])
+    print(f"held-out concept AUROC: CAM {before_cam:.3f} -> {after_cam:.3f}; prototype {before_sim:.3f} -> {after_sim:.3f};"
+          f" class accuracy train {acc:.2f} held-out {test_acc:.2f}")
+    assert after_cam > before_cam + 0.1 and after_cam > 0.65
+    assert after_sim > before_sim + 0.05
+    assert acc > 0.5 and test_acc > 0.5  # 3 classes
