@@ -36,12 +36,37 @@ def cmd_train_default(a) -> int:
     counts = dict(DEFAULTS["counts"])
     if a.scale != 1.0:
         counts = {k: max(2, int(v * a.scale)) for k, v in counts.items()}
-    if not a.region_only:
+    only = a.region_only or a.concepts_only
+    if not only:
         train_default(a.out, seed=a.seed, steps=a.steps, batch=a.batch, counts=counts, device=a.device)
-    if not a.skip_region:
+    if not a.skip_region and not a.concepts_only:
         from clinlens.trainers.region_seg import train_region_default
 
         train_region_default(a.out, seed=a.seed, device=a.device)
+    if not a.skip_concepts and not a.region_only:
+        from clinlens.trainers.concepts import train_csr_default
+
+        train_csr_default(a.out, seed=a.seed, device=a.device)
+    return 0
+
+
+def cmd_prune(a) -> int:
+    """Atlas pruning from the command line: drop prototypes by id, refit the head on phantoms, publish."""
+    from clinlens.models.clip import load_clip
+    from clinlens.models.csr import CSRModel
+    from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, phantom_concept_items, train_csr
+
+    bundle = load_clip(a.clip, device=a.device)
+    src = Path(a.model) if a.model else csr_file(bundle.path, a.family)
+    known = {int(i) for i in CSRModel.load(bundle, src).proto_ids.tolist()}
+    missing = sorted(set(a.ids) - known)
+    if missing:
+        print(f"unknown prototype id(s) {missing} in {src}; it has {sorted(known)}", file=sys.stderr)
+        return 2
+    concepts, classes = CSR_FAMILIES[a.family]
+    items = phantom_concept_items(a.family, a.seed, a.n_images)
+    train_csr(bundle, items, Path(a.out) if a.out else src, concepts, classes, steps=0, init=src, prune=a.ids,
+              extra={"command": "clinlens prune-prototypes", "family": a.family})
     return 0
 
 
@@ -151,7 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--skip-region", action="store_true", help="train only the CLIP, not the region model")
     t.add_argument("--region-only", action="store_true", help="train only the region model on the existing CLIP")
+    t.add_argument("--skip-concepts", action="store_true", help="do not train the concept (CSR) models")
+    t.add_argument("--concepts-only", action="store_true", help="train only the concept (CSR) models")
     t.set_defaults(fn=cmd_train_default)
+
+    pr = sub.add_parser("prune-prototypes", help="remove CSR prototypes by id and refit the task head (atlas pruning)")
+    pr.add_argument("--family", required=True, choices=["derm", "chest", "ct"])
+    pr.add_argument("--ids", type=int, nargs="+", required=True, help="prototype ids (see the atlas in csr_<family>.json)")
+    pr.add_argument("--clip", default=None, help="CLIP directory (default: the embedded default)")
+    pr.add_argument("--model", default=None, help="CSR file to prune (default: csr_<family>.safetensors in the CLIP dir)")
+    pr.add_argument("--out", default=None, help="where to publish (default: overwrite --model)")
+    pr.add_argument("--n-images", type=int, default=120, help="phantoms to refit the head on")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default=None)
+    pr.set_defaults(fn=cmd_prune)
     return p
 
 

@@ -17,10 +17,12 @@ from monailabel.interfaces.app import MONAILabelApp
 import clinlens
 from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES
 from clinlens.data.studies import LABELS
+from clinlens.infer.concepts import ConceptRegionsInfer, ConceptsInfer, LazyCSR
 from clinlens.infer.datastore import CheckedLocalDatastore, ClinlensDICOMWebDatastore
 from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, TextSegInfer
 from clinlens.infer.zeroshot import ZeroShotInfer
 from clinlens.models.clip import LazyClip
+from clinlens.trainers.concepts_task import ConceptsTrain
 from clinlens.trainers.region_task import RegionSegTrain
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class MyApp(MONAILabelApp):
         self.clip = LazyClip(conf)
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.region = LazyRegion(self.clip, os.path.join(self.model_dir, "region.safetensors"))
+        self.csr = LazyCSR(self.clip, self.model_dir)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -70,10 +73,13 @@ class MyApp(MONAILabelApp):
             "region_seg_3d": RegionSeg3DInfer(self.region, VOCAB, labels),
             "text_seg": TextSegInfer(self.region, VOCAB, labels),
             "zeroshot": ZeroShotInfer(self.clip, VOCAB),
+            "concepts": ConceptsInfer(self.csr),
+            "concept_regions": ConceptRegionsInfer(self.csr),
         }
 
     def init_trainers(self):
-        return {"region_seg": RegionSegTrain(self.clip, self.region.publish_path, dict(LABELS))}
+        return {"region_seg": RegionSegTrain(self.clip, self.region.publish_path, dict(LABELS)),
+                "concepts": ConceptsTrain(self.csr, dict(LABELS))}
 
     def infer(self, request, datastore=None):
         model = request.get("model")

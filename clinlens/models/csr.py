@@ -51,7 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clinlens.models.region_clip import RegionCLIP, _atomic_write
+from clinlens.models import checkpoint
+from clinlens.models.region_clip import RegionCLIP
 from clinlens.models.zeroshot import POSITIVE_TEMPLATES
 
 CSR_FILE = "csr.safetensors"
@@ -540,34 +541,19 @@ class CSRModel(nn.Module):
 
     def save(self, path, extra: dict | None = None) -> Path:
         """Publish atomically to `path` (.safetensors; config and atlas in its metadata) and a JSON summary."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "config": json.dumps(self.full_config()), "atlas": json.dumps(self.atlas),
                 "clip_fingerprint": self.clip_fingerprint()}
         info = {"format": FORMAT, "config": self.full_config(), "clip_fingerprint": meta["clip_fingerprint"],
                 "n_prototypes": self.n_prototypes, "atlas": self.atlas, **(extra or {})}
-        _atomic_write(path.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(info, indent=2)))
-        _atomic_write(path, lambda t: save_file(tensors, t, metadata=meta))
-        return path
+        return checkpoint.publish(path, self.state_dict(), meta, info)
 
     @classmethod
     def load(cls, bundle, path=None, device=None) -> "CSRModel":
         """A CSR model from `path` (default: `csr.safetensors` in the CLIP directory) on `bundle`'s CLIP."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         path = Path(path) if path is not None else csr_path(bundle.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no CSR model at {path}; train one with the `concepts` train task")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a clinlens CSR model (format {meta.get('format')!r})")
+        meta, state = checkpoint.read(path, FORMAT, "CSR model", "train one with the `concepts` train task")
         cfg = json.loads(meta["config"])
         concepts, classes, desc = cfg.pop("concepts"), cfg.pop("classes"), cfg.pop("descriptions")
-        state = load_file(str(path))
         model = cls(bundle.model, concepts, classes, state["text_anchors"], descriptions=desc, **cfg)
         if meta.get("clip_fingerprint") != model.clip_fingerprint():
             warnings.warn(f"{path} was trained on a different CLIP backbone than {bundle.path}; retrain it")

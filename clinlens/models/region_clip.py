@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clinlens.models import checkpoint
 from clinlens.models.mask_decoder import MaskDecoder
 from clinlens.models.prompt_encoder import PromptEncoder
 
@@ -44,20 +43,6 @@ _NEG = -1e4  # "never attend" (finite, so bf16 autocast stays NaN-free)
 def region_path(clip_dir) -> Path:
     """Where the region model of a CLIP directory lives."""
     return Path(clip_dir) / REGION_FILE
-
-
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class RegionCLIP(nn.Module):
@@ -165,33 +150,18 @@ class RegionCLIP(nn.Module):
 
     def save(self, path, extra: dict | None = None) -> Path:
         """Publish the region parts atomically to `path` (.safetensors) and a JSON summary beside it."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT, "config": json.dumps(self.config), "clip_fingerprint": self.clip_fingerprint()}
-        info = {**meta, "config": self.config, **(extra or {})}
-        _atomic_write(path.with_suffix(".json"), lambda t: Path(t).write_text(json.dumps(info, indent=2)))
-        _atomic_write(path, lambda t: save_file(tensors, t, metadata=meta))
-        return path
+        return checkpoint.publish(path, self.state_dict(), meta, {**meta, "config": self.config, **(extra or {})})
 
     @classmethod
     def load(cls, bundle, path=None, device=None) -> "RegionCLIP":
         """Region parts from `path` (default: `region.safetensors` in the CLIP directory) on `bundle`'s CLIP."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         path = Path(path) if path is not None else region_path(bundle.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no region model at {path}; train one with `train_region_default`")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a clinlens region model (format {meta.get('format')!r})")
+        meta, state = checkpoint.read(path, FORMAT, "region model", "train one with `train_region_default`")
         model = cls(bundle.model, **json.loads(meta["config"]))
         if meta.get("clip_fingerprint") != model.clip_fingerprint():
             warnings.warn(f"{path} was trained on a different CLIP backbone than {bundle.path}; retrain it")
-        model.load_state_dict(load_file(str(path)), strict=True)
+        model.load_state_dict(state, strict=True)
         return model.to(device or bundle.device).eval()
 
 

@@ -1,0 +1,185 @@
+"""CSR infer tasks (methods.md §2): thin adapters over `CSRModel`.
+
+- `concepts` (classification): class probabilities, per-concept scores and the top prototypes with
+  their atlas references and evidence boxes. Honours Slicer's `roi` (a positive box), a `boxes` list
+  ([{"box": [x0, y0, x1, y1], "polarity": "positive" | "negative"}], image pixels, half-open),
+  `reject_concepts` and `alpha`. A thin frame labelmap named after the top class comes back too
+  (stock Slicer crashes on JSON-only replies).
+- `concept_regions` (segmentation): a labelmap of the evidence regions of the top concepts; label
+  names carry the concept and its score ("pigment network 0.71"), so stock viewers show the reasoning.
+
+Both work on 2D images and on a chosen `slice` of a volume. One CSR model per image family
+(`clinlens.trainers.concepts.csr_file`): the published one in `model_dir`, else the shipped one
+beside the CLIP weights; reloaded when the file changes.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from clinlens.data.conventions import RequestError, parse_prompts, place_2d, slice_2d
+from clinlens.data.image_io import to_unit_rgb
+from clinlens.infer.base import ClinlensInfer, family_of
+from clinlens.infer.zeroshot import frame_mask
+from clinlens.models.csr import CSRModel
+from clinlens.trainers.concepts import csr_file
+
+
+class LazyCSR:
+    """family -> CSRModel on the current CLIP; the published file wins over the shipped one."""
+
+    def __init__(self, clip, model_dir):
+        self.clip = clip
+        self.model_dir = Path(model_dir)
+        self._models: dict = {}
+
+    def path(self, family: str) -> Path:
+        pub = csr_file(self.model_dir, family)
+        return pub if pub.is_file() else csr_file(self.clip.path, family)
+
+    def get(self, family: str) -> CSRModel:
+        bundle = self.clip.get()
+        path = self.path(family)
+        if not path.is_file():
+            raise RequestError(f"no concept model for {family} images: train one (POST /train/concepts)", status=409)
+        key = (id(bundle), str(path), path.stat().st_mtime)
+        hit = self._models.get(family)
+        if hit is None or hit[0] != key:
+            self._models[family] = (key, CSRModel.load(bundle, path))
+        return self._models[family][1]
+
+
+def _boxes(request, hw, S: int, roi) -> tuple[list, list]:
+    """Positive/negative boxes on the model input (pixels, half-open) from `roi` and `boxes`."""
+    H, W = hw
+    sx, sy = S / W, S / H
+    pos, neg = [], []
+    if roi is not None:
+        pos.append([roi[0, 0], roi[1, 0], roi[0, 1], roi[1, 1]])
+    items = request.get("boxes") or []
+    if not isinstance(items, list):
+        raise RequestError("'boxes' must be a list of {\"box\": [x0, y0, x1, y1], \"polarity\": ...}")
+    for it in items:
+        box = it.get("box") if isinstance(it, dict) else None
+        pol = (it.get("polarity") or "positive") if isinstance(it, dict) else None
+        if not isinstance(box, (list, tuple)) or len(box) != 4 or pol not in ("positive", "negative"):
+            raise RequestError(f"bad box {it!r}: want {{\"box\": [x0, y0, x1, y1], \"polarity\": "
+                               "\"positive\" | \"negative\"}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
+            raise RequestError(f"box {list(box)} is empty or outside the image of size [{W}, {H}] (x, y)")
+        (pos if pol == "positive" else neg).append([x0, y0, x1, y1])
+    scale = lambda b: [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy]  # noqa: E731
+    return [scale(b) for b in pos], [scale(b) for b in neg]
+
+
+class _ConceptTask(ClinlensInfer):
+    def __init__(self, csr: LazyCSR, type, description, config):
+        super().__init__(type=type, labels=[], dimension=2, description=description, config=config)
+        self.csr = csr
+
+    def evaluate(self, request, image):
+        """(plane, slice, CSRModel, forward outputs) for the request."""
+        p = parse_prompts(request, image.size_ijk, dimension=2)
+        plane = slice_2d(image.array, p.slice, image.is_rgb)
+        model = self.csr.get(family_of(image))
+        reject = request.get("reject_concepts") or []
+        if isinstance(reject, str):
+            reject = [reject]
+        unknown = [c for c in reject if c not in model.concepts]
+        if unknown:
+            raise RequestError(f"unknown concept(s) {unknown} in 'reject_concepts'; this model knows {model.concepts}")
+        alpha = request.get("alpha", model.config["alpha"])
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            raise RequestError(f"'alpha' must be a number in [0, 1], got {alpha!r}") from None
+        if not 0 <= alpha <= 1:
+            raise RequestError(f"'alpha' must be in [0, 1], got {alpha}")
+        pos, neg = _boxes(request, plane.shape[:2], model.image_size, p.roi)
+        bundle = self.csr.clip.get()
+        with torch.no_grad():
+            out = model(bundle.pixel_values(to_unit_rgb(plane)), pos_boxes=pos or None, neg_boxes=neg or None,
+                        alpha=alpha, reject_concepts=reject or None)
+        return plane, p.slice, model, out
+
+    @staticmethod
+    def evidence_box(model, out, j: int, hw) -> list[int]:
+        """Image-pixel box of the patch where prototype column `j` is most similar (after A)."""
+        h, w = model.grid
+        m = (out["sim_maps"][0, j] * out["importance"][0, 0]).flatten()
+        r, c = divmod(int(m.argmax()), w)
+        H, W = hw
+        return [int(c * W / w), int(r * H / h), int(np.ceil((c + 1) * W / w)), int(np.ceil((r + 1) * H / h))]
+
+
+class ConceptsInfer(_ConceptTask):
+    def __init__(self, csr: LazyCSR):
+        super().__init__(csr, InferType.CLASSIFICATION,
+                         "Concept-similarity classification (CSR): class, concept scores, prototype evidence",
+                         config={"alpha": 0.2, "top_prototypes": 5})
+
+    def run(self, request, image):
+        t0 = time.perf_counter()
+        plane, k, model, out = self.evaluate(request, image)
+        probs = out["logits"][0].softmax(-1).float().cpu().numpy()
+        cscore = out["concept_scores"][0].float().cpu().numpy()
+        pscore = out["proto_scores"][0].float().cpu().numpy()
+        atlas = {e["prototype_id"]: e for e in model.atlas}
+        top = int(request.get("top_prototypes", self._config["top_prototypes"]))
+        protos = []
+        for j in np.argsort(-pscore)[:max(top, 0)]:
+            pid = int(model.proto_ids[j])
+            protos.append({"prototype_id": pid, "concept": model.concepts[int(model.proto_concept[j])],
+                           "score": round(float(pscore[j]), 4),
+                           "evidence_box": self.evidence_box(model, out, int(j), plane.shape[:2]),
+                           "atlas": atlas.get(pid)})
+        order = np.argsort(-probs)
+        classes = [{"class": model.classes[i], "probability": round(float(probs[i]), 4)} for i in order]
+        label = f"{classes[0]['class']} {classes[0]['probability']:.2f}"
+        result = {"label_names": {label: 1}, "classes": classes,
+                  "concepts": sorted(({"concept": c, "score": round(float(s), 4)} for c, s in zip(model.concepts, cscore)),
+                                     key=lambda d: -d["score"]),
+                  "prototypes": protos, "latencies": {"model_ms": round(1000 * (time.perf_counter() - t0), 1)}}
+        return place_2d(frame_mask(plane.shape[:2]), image.spatial_shape, k), result
+
+
+class ConceptRegionsInfer(_ConceptTask):
+    def __init__(self, csr: LazyCSR):
+        super().__init__(csr, InferType.SEGMENTATION,
+                         "Evidence regions of the top concepts (CSR), named 'concept score'",
+                         config={"alpha": 0.2, "top_concepts": 3, "level": 0.8})
+
+    def run(self, request, image):
+        plane, k, model, out = self.evaluate(request, image)
+        H, W = plane.shape[:2]
+        cscore = out["concept_scores"][0].float().cpu()
+        n = int(request.get("top_concepts", self._config["top_concepts"]))
+        level = float(request.get("level", self._config["level"]))
+        if not 0 < level < 1:
+            raise RequestError(f"'level' must be in (0, 1), got {level}")
+        lab = np.zeros((H, W), np.uint8)
+        names, regions = {}, []
+        for idx, ci in enumerate(torch.argsort(-cscore)[:max(n, 0)].tolist(), 1):
+            cols = (model.proto_concept == ci).nonzero().flatten()
+            if not len(cols) or cscore[ci] <= 0:
+                continue
+            j = int(cols[out["proto_scores"][0, cols].argmax()])
+            m = (out["sim_maps"][0, j] * out["importance"][0, 0]).float()
+            up = F.interpolate(m[None, None].cpu(), size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
+            region = (up >= level * up.max()) & (lab == 0)
+            if not region.any():
+                continue
+            lab[region] = idx
+            name = f"{model.concepts[ci]} {float(cscore[ci]):.2f}"
+            names[name] = idx
+            ys, xs = np.nonzero(region)
+            regions.append({"concept": model.concepts[ci], "score": round(float(cscore[ci]), 4), "label": idx,
+                            "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                            "prototype_id": int(model.proto_ids[j])})
+        return place_2d(lab, image.spatial_shape, k), {"label_names": names, "regions": regions}

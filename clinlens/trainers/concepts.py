@@ -1,0 +1,170 @@
+"""Training of the CSR concept model (methods.md §2): stages 1-4 on cached frozen patch features,
+then the prototype atlas; optional prototype pruning with a refit of the task head.
+
+- Items: (image id, float image [H, W, 3] in [0, 1], concept labels {name: 0/1}, class name or None,
+  drawn regions {concept: bool mask [H, W]}). A drawn region is the concept's local vector directly
+  (stage 2), the most direct way a clinician's segment feeds training.
+- One CSR model per image family (`csr_<family>.safetensors` beside the region model): derm
+  (dermoscopic concepts -> diagnosis), chest (findings -> diagnosis), ct (findings on an axial slice
+  -> diagnosis).
+- The backbone is the frozen CLIP (features cached once); CUDA when available.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clinlens.data.image_io import to_unit_rgb
+from clinlens.data.phantoms import (CHEST_DIAGNOSES, CHEST_FINDINGS, CT_DIAGNOSES, CT_FINDINGS, DERM_CONCEPTS,
+                                    DERM_DIAGNOSES, make_chest, make_ct, make_derm)
+from clinlens.models.csr import CSRModel
+
+CSR_FAMILIES = {"derm": (DERM_CONCEPTS, DERM_DIAGNOSES), "chest": (CHEST_FINDINGS, CHEST_DIAGNOSES),
+                "ct": (CT_FINDINGS, CT_DIAGNOSES)}
+DEFAULTS = dict(steps=300, batch=32, lr=3e-3, n_images=240)
+
+
+def csr_file(model_dir, family: str) -> Path:
+    return Path(model_dir) / f"csr_{family}.safetensors"
+
+
+def phantom_concept_items(family: str, seed: int, n: int, size: int = 224) -> list[tuple]:
+    """`n` phantom items of a family (CT: the axial slice through the most finding voxels)."""
+    items = []
+    for i in range(n):
+        s_seed = seed * 1_000_003 + 500_000 + i
+        if family == "derm":
+            s = make_derm(s_seed, size=size)
+            img = to_unit_rgb(s.image)
+            concepts = dict(s.concepts)
+        elif family == "chest":
+            s = make_chest(s_seed, size=size)
+            img = to_unit_rgb(s.image)
+            concepts = dict(s.concepts)
+        elif family == "ct":
+            s = make_ct(s_seed, shape=(32, size // 2, size // 2))
+            total = sum((m for m in s.masks.values()), np.zeros(s.image.shape, bool))
+            z = int(np.argmax(total.sum(axis=(1, 2)))) if total.any() else s.image.shape[0] // 2
+            img = to_unit_rgb(s.image[z])
+            concepts = {c: int(c in s.masks and bool(s.masks[c][z].any())) for c in CT_FINDINGS}
+        else:
+            raise ValueError(f"unknown family {family!r}; choose from {sorted(CSR_FAMILIES)}")
+        items.append((f"{family}_phantom_{s_seed}", img, concepts, s.diagnosis, {}))
+    return items
+
+
+def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
+    """Cached features, concept labels, class labels (-1 = none), drawn-region masks at the model input."""
+    K, S = len(model.concepts), model.image_size
+    feats, y, cls, regions = [], [], [], []
+    for i in range(0, len(items), chunk):
+        part = items[i:i + chunk]
+        with torch.no_grad():
+            feats.append(model.features(bundle.pixel_values(np.stack([_square(it[1]) for it in part]))).cpu())
+        for _, _, concepts, label, drawn in part:
+            y.append([float(concepts.get(c, 0)) for c in model.concepts])
+            cls.append(model.classes.index(label) if label in model.classes else -1)
+            r = torch.zeros(K, S, S)
+            for name, m in (drawn or {}).items():
+                if name in model.concepts:
+                    mt = torch.as_tensor(np.asarray(m, np.float32))[None, None]
+                    r[model.concepts.index(name)] = F.interpolate(mt, size=(S, S), mode="area")[0, 0]
+            regions.append(r)
+    return torch.cat(feats), torch.tensor(y), torch.tensor(cls), torch.stack(regions)
+
+
+def _square(img: np.ndarray) -> np.ndarray:
+    """Resize any [H, W, 3] image to the common size its batch is stacked at (pixel_values resizes again)."""
+    if img.shape[0] == img.shape[1]:
+        return img
+    t = torch.as_tensor(img).permute(2, 0, 1)[None]
+    s = max(img.shape[:2])
+    return F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    vals = [roc_auc_score(labels[:, k], scores[:, k]) for k in range(labels.shape[1])
+            if 0 < labels[:, k].sum() < len(labels)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
+              lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
+              extra: dict | None = None, **cfg) -> dict:
+    """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if not items:
+        raise ValueError("no training items")
+    model = (CSRModel.load(bundle, init) if init else CSRModel.from_bundle(bundle, concepts, classes, **cfg))
+    model.train()
+    feats, y, cls, regions = _tensors(bundle, model, items)
+    drawn = int((regions.flatten(2).amax(-1) > 0).sum())
+    log(f"CSR: {len(items)} images, {len(model.concepts)} concepts, {len(model.classes)} classes, "
+        f"{drawn} drawn regions, features {time.time() - t0:.1f}s")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    g = torch.Generator().manual_seed(seed)
+    hist = []
+    bar = tqdm(range(steps), desc="train-concepts", disable=not progress, mininterval=5)
+    for _ in bar:
+        idx = torch.randint(len(items), (min(batch, len(items)),), generator=g)
+        c = cls[idx]
+        r = regions[idx]
+        out = model.losses(y[idx], c if (c >= 0).all() else None, features=feats[idx],
+                           region_masks=r if r.any() else None)
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        opt.step()
+        sched.step()
+        hist.append({k: float(v.detach()) for k, v in out.items()})
+        bar.set_postfix(loss=f"{hist[-1]['total']:.3f}")
+    model.eval()
+    with torch.no_grad():
+        scores = model.scores_from_maps(model.similarity_maps(feats.to(model.device))).cpu()
+    if prune:
+        kept = model.prune_prototypes(prune)
+        scores = scores[:, kept]
+    labelled = cls >= 0
+    refit_acc = None
+    if labelled.any():  # stage 4 to convergence on the final prototype scores (after any pruning)
+        refit_acc = model.refit_task_head(scores[labelled], cls[labelled])
+    with torch.no_grad():
+        out = model(features=feats.to(model.device))
+        acc = float((out["logits"].argmax(-1).cpu()[labelled] == cls[labelled]).float().mean()) if labelled.any() else None
+        auroc = _auroc(torch.sigmoid(out["concept_logits"]).cpu().numpy(), y.numpy())
+    model.build_atlas([(it[0], bundle.pixel_values(_square(it[1]))[0]) for it in items])
+    summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
+               "drawn_regions": drawn, "pruned": sorted(int(i) for i in prune), "train_class_accuracy": acc,
+               "train_concept_auroc": round(auroc, 4), "refit_accuracy": refit_acc,
+               "final_loss": round(float(np.mean([h["total"] for h in hist[-20:]])), 4) if hist else None,
+               "device": str(model.device), "seconds": round(time.time() - t0, 1), **(extra or {})}
+    model.save(out_path, extra={"training": summary})
+    log(f"published {out_path}: concept AUROC {auroc:.3f}, class accuracy {acc}, {summary['seconds']}s")
+    return summary
+
+
+def train_csr_default(out_dir, families=tuple(CSR_FAMILIES), seed: int = 0, n_images: int = DEFAULTS["n_images"],
+                      steps: int = DEFAULTS["steps"], device=None, progress: bool = True, log=print) -> dict:
+    """The shipped CSR models: one per family, trained on phantoms on the CLIP in `out_dir`."""
+    from clinlens.models.clip import load_clip
+
+    bundle = load_clip(out_dir, device=device)
+    out = {}
+    for fam in families:
+        concepts, classes = CSR_FAMILIES[fam]
+        items = phantom_concept_items(fam, seed, n_images)
+        out[fam] = train_csr(bundle, items, csr_file(out_dir, fam), concepts, classes, steps=steps, seed=seed,
+                             progress=progress, log=log, extra={"command": "clinlens train-default --concepts-only",
+                                                                "family": fam})
+    return out

@@ -1,0 +1,91 @@
+"""`concepts` MONAI Label train task: a thin adapter over `train_csr`.
+
+What it learns from, per datastore image:
+- concept labels and the class from the image info (`concepts`: {name: 0/1}, `diagnosis`), where
+  the active-learning loop and the viewers' feedback store them;
+- `final` label segments named after a concept (a Slicer segment named "pigment network"): the
+  concept is present and the drawn region is its local concept vector (stage 2, directly).
+Each image family present is trained (continuing from its current model) and published atomically
+to `model_dir`, which inference reloads. `prune` ({family: [prototype ids]}) removes prototypes and
+refits the task head: the train-time atlas pruning.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from monailabel.interfaces.tasks.train import TrainTask
+
+from clinlens.data.image_io import load_image, to_unit_rgb
+from clinlens.infer.base import family_of
+from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, train_csr
+from clinlens.trainers.region_task import label_names
+
+
+def datastore_items(datastore, fallback_labels: dict) -> dict[str, list]:
+    """family -> [(image id, image, concepts, class, drawn regions)] from image info and final labels."""
+    out = defaultdict(list)
+    labelled = set(datastore.get_labeled_images())
+    for i in datastore.list_images():
+        info = datastore.get_image_info(i) or {}
+        im = load_image(datastore.get_image_uri(i))
+        if len(im.spatial_shape) != 2:
+            continue  # volumes: a chosen slice at inference; training takes 2D images
+        fam = family_of(im)
+        vocab = CSR_FAMILIES[fam][0]
+        concepts = {k: int(v) for k, v in (info.get("concepts") or {}).items() if k in vocab}
+        drawn = {}
+        if i in labelled:
+            lab = np.squeeze(load_image(datastore.get_label_uri(i, "final")).array)
+            for name, idx in label_names(datastore.get_label_info(i, "final"), fallback_labels).items():
+                if name in vocab and (lab == idx).any():
+                    drawn[name] = lab == idx
+                    concepts[name] = 1
+        dx = info.get("diagnosis")
+        if concepts or drawn or dx:
+            out[fam].append((i, to_unit_rgb(im.array), concepts, dx, drawn))
+    return dict(out)
+
+
+class ConceptsTrain(TrainTask):
+    def __init__(self, csr, labels: dict, description="Train the concept (CSR) models from feedback"):
+        super().__init__(description)
+        self.csr = csr  # clinlens.infer.concepts.LazyCSR
+        self.labels = dict(labels)
+        self.stats_path = Path(csr.model_dir) / "concepts.train_stats.json"
+
+    def config(self):
+        return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}}
+
+    def stats(self):
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __call__(self, request, datastore):
+        conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        prune = conf["prune"] if isinstance(conf["prune"], dict) else {}
+        per_family = datastore_items(datastore, self.labels)
+        if not per_family and not prune:
+            raise ValueError("nothing to learn from: no image has concept labels, a diagnosis or a concept-named segment")
+        bundle = self.csr.clip.get()
+        start, summaries = time.time(), {}
+        for fam in sorted(set(per_family) | set(prune)):
+            items = per_family.get(fam, [])
+            init = self.csr.path(fam)
+            concepts, classes = CSR_FAMILIES[fam]
+            if not items:
+                raise ValueError(f"pruning {fam} prototypes needs {fam} images with labels to refit the head")
+            summaries[fam] = train_csr(bundle, items, csr_file(self.csr.model_dir, fam), concepts, classes,
+                                       steps=int(conf["steps"]), batch=int(conf["batch"]), lr=float(conf["lr"]),
+                                       init=init if init.is_file() else None,
+                                       prune=[int(p) for p in prune.get(fam, [])],
+                                       extra={"source": "datastore", "family": fam})
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        self.stats_path.write_text(json.dumps({"status": "DONE", "total_time": f"{time.time() - start:.0f}s",
+                                               "families": summaries}))
+        return summaries

@@ -1,0 +1,148 @@
+"""CSR concept tasks: `concepts` and `concept_regions` through the real server (Slicer- and
+OHIF-shaped), clinician interaction (boxes, rejected concepts), and the `concepts` train task
+learning from a drawn, concept-named segment and pruning prototypes."""
+import json
+import shutil
+
+import nrrd
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from test_server import assert_still_serving
+
+from clinlens.data.phantoms import DERM_CONCEPTS, DERM_DIAGNOSES
+from clinlens.server import read_multipart, slicer_post
+
+
+def first(server, prefix):
+    ids = sorted(requests.get(server.url + "/datastore/?output=all").json()["objects"])
+    return next(i for i in ids if i.startswith(prefix))
+
+
+def concepts_json(server, image, params):
+    r = slicer_post(f"{server.url}/infer/concepts?image={image}", params)
+    assert r.status_code == 200, r.text
+    return json.loads(read_multipart(r)["params"].content), read_multipart(r)
+
+
+def test_info_lists_the_concept_tasks(server):
+    models = requests.get(server.url + "/info/").json()["models"]
+    assert models["concepts"]["type"] == "classification"
+    assert models["concept_regions"]["type"] == "segmentation"  # stock Slicer and OHIF can run it
+    assert "concepts" in requests.get(server.url + "/info/").json()["trainers"]
+
+
+def test_concepts_explains_a_derm_classification(server):
+    image = first(server, "derm")
+    res, parts = concepts_json(server, image, {})
+    probs = {c["class"]: c["probability"] for c in res["classes"]}
+    assert set(probs) == set(DERM_DIAGNOSES) and abs(sum(probs.values()) - 1) < 1e-3
+    assert {c["concept"] for c in res["concepts"]} == set(DERM_CONCEPTS)
+    assert len(res["prototypes"]) == 5
+    H, W = sitk.GetArrayFromImage(sitk.ReadImage(str(_download(server, image)))).shape[:2]
+    for p in res["prototypes"]:
+        x0, y0, x1, y1 = p["evidence_box"]
+        assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+        assert p["atlas"]["prototype_id"] == p["prototype_id"] and p["atlas"]["concept"] == p["concept"]
+    assert "image" in parts  # a thin labelmap, so stock Slicer does not crash on the answer
+
+
+def _download(server, image):
+    r = requests.get(f"{server.url}/datastore/image", params={"image": image})
+    p = server.tmp / f"c_{image}.png"
+    p.write_bytes(r.content)
+    return p
+
+
+def test_clinician_boxes_and_rejected_concepts_change_the_reasoning(server):
+    image = first(server, "derm")
+    base, _ = concepts_json(server, image, {})
+    top = base["concepts"][0]["concept"]
+    rej, _ = concepts_json(server, image, {"reject_concepts": [top]})
+    scores = {c["concept"]: c["score"] for c in rej["concepts"]}
+    assert scores[top] == 0 and all(p["concept"] != top for p in rej["prototypes"])
+    # a negative box over the whole image leaves no evidence anywhere
+    H, W = sitk.GetArrayFromImage(sitk.ReadImage(str(_download(server, image)))).shape[:2]
+    neg, _ = concepts_json(server, image, {"boxes": [{"box": [0, 0, W, H], "polarity": "negative"}]})
+    assert all(c["score"] == 0 for c in neg["concepts"])
+    # Slicer's roi is a positive box: outside it evidence counts alpha times
+    pos, _ = concepts_json(server, image, {"roi": [0, W // 4, 0, H // 4, 0, 0], "alpha": 0.0})
+    for p in pos["prototypes"]:
+        x0, y0, x1, y1 = p["evidence_box"]
+        assert x0 < W // 4 + W // 14 and y0 < H // 4 + H // 14  # the evidence sits in the box's patches
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"reject_concepts": ["unicorn"]}, "unknown concept"),
+    ({"alpha": 2}, "'alpha' must be in [0, 1]"),
+    ({"boxes": [{"box": [5, 5, 5, 9], "polarity": "positive"}]}, "empty or outside"),
+    ({"boxes": [{"box": [0, 0, 4, 4], "polarity": "sideways"}]}, "bad box"),
+])
+def test_concepts_bad_input(server, params, words):
+    r = slicer_post(f"{server.url}/infer/concepts?image={first(server, 'derm')}", params)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text
+    assert_still_serving(server)
+
+
+def test_concept_regions_names_its_labels_for_stock_viewers(server):
+    image = first(server, "derm")
+    params = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False,
+              "restore_label_idx": False}
+    r = requests.post(f"{server.url}/infer/concept_regions", params={"image": image, "output": "all"},
+                      files={"params": (None, json.dumps(params))})
+    assert r.status_code == 200, r.text
+    parts = read_multipart(r)
+    res = json.loads(parts["params"].content)
+    p = server.tmp / "regions.nrrd"
+    p.write_bytes(parts["image"].content)
+    lab, _ = nrrd.read(str(p), index_order="C")
+    assert res["regions"] and set(np.unique(lab)) - {0} == {g["label"] for g in res["regions"]}
+    for name, idx in res["label_names"].items():
+        concept, score = name.rsplit(" ", 1)
+        assert concept in DERM_CONCEPTS and 0 <= float(score) <= 1 and (lab == idx).any()
+
+
+def test_concepts_on_a_chosen_ct_slice(server):
+    image = first(server, "ct")
+    res, parts = concepts_json(server, image, {"slice": 3})
+    assert {c["concept"] for c in res["concepts"]} == {"lung nodule", "lung mass", "pleural effusion"}
+    p = server.tmp / "ct_frame.nii.gz"
+    p.write_bytes(parts["image"].content)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+    assert lab[3].any() and not np.delete(lab, 3, axis=0).any()
+
+
+def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_path):
+    from monailabel.datastore.local import LocalDatastore
+
+    from clinlens.data.studies import LABELS
+    from clinlens.infer.concepts import LazyCSR
+    from clinlens.models.clip import LazyClip
+    from clinlens.models.csr import CSRModel
+    from clinlens.trainers.concepts_task import ConceptsTrain, datastore_items
+
+    root = tmp_path / "studies"
+    shutil.copytree(studies, root)
+    ds = LocalDatastore(str(root), extensions=["*.png", "*.nii.gz"], auto_reload=False)
+    derm = sorted(i for i in ds.list_images() if i.startswith("derm"))[0]
+    img = sitk.GetArrayFromImage(sitk.ReadImage(ds.get_image_uri(derm)))
+    lab = np.zeros(img.shape[:2], np.uint8)
+    lab[20:60, 30:90] = 10
+    p = tmp_path / "drawn.png"
+    sitk.WriteImage(sitk.GetImageFromArray(lab), str(p))
+    ds.save_label(derm, str(p), "final", {"label_info": [{"name": "pigment network", "idx": 10}]})
+    items = datastore_items(ds, LABELS)
+    mine = next(it for it in items["derm"] if it[0] == derm)
+    assert mine[2]["pigment network"] == 1 and mine[4]["pigment network"].sum() == 40 * 60
+
+    csr = LazyCSR(LazyClip(), tmp_path / "model")
+    shipped = csr.get("derm")
+    task = ConceptsTrain(csr, LABELS)
+    out = task({"steps": 5, "prune": {"derm": [0, 1]}}, ds)
+    assert out["derm"]["drawn_regions"] >= 1 and out["derm"]["pruned"] == [0, 1]
+    assert csr.path("derm") == tmp_path / "model" / "csr_derm.safetensors"
+    trained = CSRModel.load(csr.clip.get(), csr.path("derm"))
+    assert {0, 1}.isdisjoint(trained.proto_ids.tolist()) and trained.n_prototypes == shipped.n_prototypes - 2
+    assert csr.get("derm").n_prototypes == trained.n_prototypes  # inference picks up the published model
+    assert task.stats()["status"] == "DONE"

@@ -1,0 +1,239 @@
+"""Grad-ECLIP / MedGrad explanations (methods.md §4) on the tiny random CLIP (4 heads, 14x14 grid)."""
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clinlens.explain.grad_eclip import (
+    effective_radius, entropy_weights, explain, explain_volume, last_block, local_entropy, recompute_attention,
+    resolve_target, word_importance,
+)
+from clinlens.text.tokenizer import words
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _image(seed=0, size=224):
+    """A smooth background with a bright blob: some structure for the random CLIP to respond to."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    img = 0.3 + 0.2 * np.sin(6 * xx + 3 * yy + seed) + 0.05 * rng.standard_normal((size, size))
+    cy, cx = rng.uniform(0.25, 0.75, 2)
+    img += 0.4 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.01)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def _pv(bundle, img):
+    return bundle.pixel_values(np.repeat(img[..., None], 3, -1))
+
+
+@pytest.fixture(scope="module")
+def pv(bundle):
+    return _pv(bundle, _image())
+
+
+@pytest.fixture(scope="module")
+def target(bundle):
+    return resolve_target(bundle, "nodule")
+
+
+@pytest.fixture(scope="module")
+def sharp(bundle):
+    """A copy whose last block attends sharply (q, k scaled up): at random init attention is nearly uniform,
+    so a single-head recomputation would be almost the same pass and hide the difference."""
+    model = copy.deepcopy(bundle.model)
+    a = model.vision_model.encoder.layers[-1].self_attn
+    with torch.no_grad():
+        for lin in (a.q_proj, a.k_proj):
+            lin.weight.mul_(6)
+    return dataclasses.replace(bundle, model=model, _text_cache={})
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_recomputed_multihead_attention_equals_module_output(bundle, pv, target, impl):
+    model = bundle.model
+    old = model.config._attn_implementation
+    model.set_attn_implementation(impl)
+    try:
+        lb = last_block(bundle, pv, target.embedding)
+    finally:
+        model.set_attn_implementation(old)
+    p = lb.probe
+    assert p.heads == 4 and p.q.shape == (1, 4, 197, 32)
+    o, out, attn = recompute_attention(p)
+    # the captured per-head q, k, v rebuild exactly what entered out_proj and what the module returned
+    torch.testing.assert_close(o, p.o.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, p.out.float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(1, 4, 197), atol=1e-5, rtol=0)
+    # and the captured pass is the model's ordinary forward: same embedding and cosine
+    with torch.no_grad():
+        emb = bundle.encode_images(pv)
+    torch.testing.assert_close(lb.embedding, emb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lb.cosine, emb @ target.embedding, atol=1e-5, rtol=0)
+
+
+def test_channel_weights_are_the_gradient_of_the_cosine(bundle, pv, target):
+    lb = last_block(bundle, pv, target.embedding)
+    # independent forward: the vision tower written out, the attention output a leaf to differentiate
+    model = bundle.model
+    vm = model.vision_model
+    layer = vm.encoder.layers[-1]
+    a = layer.self_attn
+    with torch.no_grad():
+        x = vm.pre_layrnorm(vm.embeddings(pv))
+        for blk in vm.encoder.layers[:-1]:
+            x = blk(x, None)
+        h = layer.layer_norm1(x)
+        heads = [t(h).view(1, -1, 4, 32).transpose(1, 2) for t in (a.q_proj, a.k_proj, a.v_proj)]
+        o = ((heads[0] @ heads[1].transpose(-1, -2)) / 32 ** 0.5).softmax(-1) @ heads[2]
+        o = o.transpose(1, 2).reshape(1, -1, 128)
+    o.requires_grad_(True)
+    y = x + a.out_proj(o)
+    y = y + layer.mlp(layer.layer_norm2(y))
+    s = F.normalize(model.visual_projection(vm.post_layernorm(y[:, 0])), dim=-1) @ target.embedding
+    g = torch.autograd.grad(s.sum(), o)[0][:, 0]
+    torch.testing.assert_close(lb.grad, g, atol=1e-6, rtol=1e-4)
+    assert g.abs().max() > 0
+    # a finite difference along the gradient agrees too (first order)
+    eps = 1e-2
+    d = g / g.norm()
+    with torch.no_grad():
+        o2 = o.clone()
+        o2[:, 0] += eps * d
+        y2 = x + a.out_proj(o2)
+        y2 = y2 + layer.mlp(layer.layer_norm2(y2))
+        s2 = F.normalize(model.visual_projection(vm.post_layernorm(y2[:, 0])), dim=-1) @ target.embedding
+    assert abs(float(s2 - s.detach()) / eps - float(g.norm())) < 0.05 * float(g.norm())
+
+
+@pytest.mark.parametrize("method", ["medgrad", "grad_eclip", "grad_eclip_single_head", "attention"])
+def test_heatmap_shape_and_range(bundle, pv, method):
+    r = explain(bundle, pv, target_text="nodule", method=method, words=False)
+    assert r["grid"] == (14, 14) and r["heatmap"].shape == (14, 14) and r["upsampled"].shape == (224, 224)
+    for m in (r["heatmap"], r["upsampled"]):
+        assert m.dtype == np.float32 and m.min() >= 0 and m.max() <= 1 + 1e-6
+    assert r["heatmap"].max() == pytest.approx(1.0)
+    assert r["negated"] is False and r["target"] == "nodule" and -1 <= r["cosine"] <= 1
+
+
+def test_attention_needs_no_target_and_image_size_is_kept(bundle):
+    img = _image(3, size=300)[:, :260]
+    r = explain(bundle, image=img, method="attention")
+    assert r["cosine"] is None and r["upsampled"].shape == (300, 260)
+    r = explain(bundle, image=img, target_text="nodule", method="medgrad", words=False)
+    assert r["radius_px"] == effective_radius(5, (300, 260)) == 6
+
+
+@pytest.mark.parametrize("which", ["bundle", "sharp"])
+def test_single_head_differs_from_multi_head(request, pv, which):
+    b = request.getfixturevalue(which)
+    multi = explain(b, pv, target_text="nodule", method="grad_eclip", words=False)
+    single = explain(b, pv, target_text="nodule", method="grad_eclip_single_head", words=False)
+    assert np.abs(multi["heatmap"] - single["heatmap"]).max() > 0.05
+    # the single-head recomputation explains another forward pass: its cosine is not the model's
+    assert multi["explained_cosine"] is None and single["cosine"] == pytest.approx(multi["cosine"])
+    if which == "sharp":
+        assert abs(single["explained_cosine"] - single["cosine"]) > 1e-3
+
+
+def test_local_entropy_flat_textured_and_radius(bundle):
+    assert local_entropy(np.full((224, 224), 0.5)).max() == pytest.approx(0.0, abs=1e-9)
+    assert torch.equal(entropy_weights(np.full((224, 224), 0.5), (14, 14)), torch.ones(14, 14))  # no information
+    rng = np.random.default_rng(0)
+    img = np.full((224, 224), 0.5, np.float32)
+    img[:, :112] = rng.uniform(0, 1, (224, 112))
+    w = entropy_weights(img, (14, 14))
+    assert w.max() == pytest.approx(1.0) and float(w[:, :6].min()) > 0.9 and float(w[:, 8:].max()) == 0
+    assert effective_radius(5, (224, 224)) == 5 and effective_radius(5, (448, 512)) == 10
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="radius"):
+            local_entropy(img, radius=bad)
+        with pytest.raises(ValueError, match="radius"):
+            explain(bundle, image=img, target_text="nodule", radius=bad)
+
+
+def test_entropy_weighting_moves_mass_to_the_textured_half(bundle):
+    rng = np.random.default_rng(1)
+    img = np.full((224, 224), 0.5, np.float32)
+    img[:, :112] = rng.uniform(0, 1, (224, 112))  # left: texture, right: flat
+    pv = _pv(bundle, img)
+    plain = explain(bundle, pv, target_text="nodule", method="grad_eclip", image=img, words=False)["heatmap"]
+    med = explain(bundle, pv, target_text="nodule", method="medgrad", image=img, words=False)["heatmap"]
+
+    def left(m):
+        return m[:, :7].sum() / m.sum()
+
+    assert plain.sum() > 0 and left(med) > left(plain) and left(med) > 0.9
+    # entropy on the heatmap instead: still a valid map
+    hm = explain(bundle, pv, target_text="nodule", method="medgrad", entropy_on="heatmap", words=False)
+    assert hm["heatmap"].shape == (14, 14) and hm["heatmap"].max() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="entropy_on"):
+        explain(bundle, pv, target_text="nodule", entropy_on="mask")
+
+
+def test_negated_prompt_explains_the_affirmed_finding(bundle, pv):
+    pos = explain(bundle, pv, target_text="pleural effusion")
+    neg = explain(bundle, pv, target_text="no pleural effusion")
+    assert pos["negated"] is False and neg["negated"] is True
+    assert neg["target"] == pos["target"] == "pleural effusion" and neg["prompt"] == "no pleural effusion"
+    np.testing.assert_allclose(neg["heatmap"], pos["heatmap"], atol=1e-6)
+    assert neg["cosine"] == pytest.approx(pos["cosine"]) and neg["words"] == pos["words"]
+    # without templates the target is the bare finding text, still polarity-aware
+    bare = [explain(bundle, pv, target_text=t, templates=None, words=False) for t in ("effusion", "free of effusion")]
+    np.testing.assert_allclose(bare[0]["heatmap"], bare[1]["heatmap"], atol=1e-6)
+    assert [b["negated"] for b in bare] == [False, True]
+    with torch.no_grad():
+        cos = float(bundle.encode_images(pv)[0] @ bundle.encode_texts(["effusion"])[0])
+    assert bare[1]["cosine"] == pytest.approx(cos, abs=1e-5)
+
+
+def test_target_embedding_and_bad_targets(bundle, pv, target):
+    by_text = explain(bundle, pv, target_text="nodule", method="grad_eclip", words=False)
+    by_emb = explain(bundle, pv, target_embedding=target.embedding * 3, method="grad_eclip")
+    np.testing.assert_allclose(by_emb["heatmap"], by_text["heatmap"], atol=1e-6)
+    assert by_emb["negated"] is False and by_emb["words"] is None and by_emb["target"] is None
+    with pytest.raises(ValueError, match="not both"):
+        explain(bundle, pv, target_text="nodule", target_embedding=target.embedding)
+    with pytest.raises(ValueError, match="needs a target"):
+        explain(bundle, pv)
+    with pytest.raises(ValueError, match="shape"):
+        explain(bundle, pv, target_embedding=torch.ones(7))
+    with pytest.raises(ValueError, match="empty"):
+        explain(bundle, pv, target_text="  ")
+    with pytest.raises(ValueError, match="unknown method"):
+        explain(bundle, pv, target_text="nodule", method="gradcam")
+
+
+def test_volume_uses_one_scale(bundle):
+    imgs = [_image(s) for s in (4, 5, 6)]
+    vol = explain_volume(bundle, lambda z: imgs[z], 3, target_text="nodule", batch_size=2)
+    hm = vol["heatmaps"]
+    assert hm.shape == (3, 14, 14) and vol["upsampled"].shape == (3, 224, 224) and vol["cosines"].shape == (3,)
+    per_slice = hm.reshape(3, -1).max(1)
+    assert hm.max() == pytest.approx(1.0) and per_slice.min() < 0.999  # a weaker slice is not stretched to 1
+    for z in range(3):  # each slice is its 2D explanation times (its max / the volume max)
+        r = explain(bundle, image=imgs[z], target_text="nodule", words=False)
+        np.testing.assert_allclose(hm[z], r["heatmap"] * r["scale"] / vol["scale"], atol=1e-5)
+        assert vol["cosines"][z] == pytest.approx(r["cosine"], abs=1e-5)
+
+
+def test_word_importance_real_tokens_and_determinism(bundle, pv):
+    # A random tiny CLIP has learnt nothing, so "the finding word outranks the filler" cannot be
+    # justified here; this checks the mechanics: one score per real word, no specials or padding.
+    text = "there is a nodule ."
+    tokens, scores = word_importance(bundle, text, pixel_values=pv)
+    assert tokens == ["there", "is", "a", "nodule", "."]
+    assert len(scores) == 5 and min(scores) >= 0 and sum(scores) == pytest.approx(1.0)
+    assert word_importance(bundle, text, pixel_values=pv) == (tokens, scores)
+    t1, s1 = word_importance(bundle, text, pixel_values=pv, layers=1)
+    assert t1 == tokens and len(s1) == 5
+    with pytest.raises(ValueError, match="layers"):
+        word_importance(bundle, text, pixel_values=pv, layers=9)
+    # explain() scores the text the zero-shot scorer scores (an affirmed prompt as typed)
+    prompt = "a chest x-ray showing a nodule in the left upper lobe"
+    r = explain(bundle, pv, target_text=prompt)
+    assert r["target"] == prompt and r["words"]["tokens"] == words(prompt)
+    assert len(r["words"]["scores"]) == len(words(prompt))
