@@ -19,6 +19,7 @@ from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, D
 from clinlens.data.studies import LABELS
 from clinlens.infer.concepts import ConceptRegionsInfer, ConceptsInfer, LazyCSR
 from clinlens.infer.datastore import CheckedLocalDatastore, ClinlensDICOMWebDatastore
+from clinlens.infer.explain import ExplainInfer
 from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, TextSegInfer
 from clinlens.infer.zeroshot import ZeroShotInfer
 from clinlens.models.clip import LazyClip
@@ -75,6 +76,7 @@ class MyApp(MONAILabelApp):
             "zeroshot": ZeroShotInfer(self.clip, VOCAB),
             "concepts": ConceptsInfer(self.csr),
             "concept_regions": ConceptRegionsInfer(self.csr),
+            "explain": ExplainInfer(self.clip, list(dict.fromkeys(n for names in VOCAB.values() for n in names))),
         }
 
     def init_trainers(self):

@@ -73,7 +73,8 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
 
 
 def write_label(mask: np.ndarray, like: LoadedImage, ext: str | None = None, out_path: str | None = None) -> str:
-    """Write a uint8 labelmap (array order, the image's spatial shape) with the image's geometry.
+    """Write a uint8 labelmap (or a float32 map, e.g. a heatmap; array order, the image's spatial shape)
+    with the image's geometry.
 
     `ext` defaults to the image's own format (Slicer); OHIF asks for `.nrrd`. A DICOM folder or
     an RGB PNG gets NIfTI/PNG labels respectively.
@@ -86,7 +87,7 @@ def write_label(mask: np.ndarray, like: LoadedImage, ext: str | None = None, out
     ext = ext if ext.startswith(".") else "." + ext
     if ext in (".jpg", ".jpeg"):
         ext = ".png"  # labels must be lossless
-    lab = sitk.GetImageFromArray(mask.astype(np.uint8))
+    lab = sitk.GetImageFromArray(mask.astype(np.float32 if mask.dtype == np.float32 else np.uint8))
     ref = like.ref
     if ref.GetDimension() == lab.GetDimension():
         lab.SetSpacing(ref.GetSpacing())

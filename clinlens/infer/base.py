@@ -72,7 +72,9 @@ class ClinlensInfer(InferTask):
         out = None
         if mask is not None:
             t1 = time.perf_counter()
-            out = write_label(np.asarray(mask, np.uint8), image, ext=request.get("result_extension"))
+            mask = np.asarray(mask)
+            out = write_label(mask if mask.dtype == np.float32 else mask.astype(np.uint8), image,
+                              ext=request.get("result_extension"))
             result.setdefault("latencies", {})["write_ms"] = round(1000 * (time.perf_counter() - t1), 1)
         result.setdefault("latencies", {})["total_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         return out, result

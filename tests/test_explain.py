@@ -1,0 +1,83 @@
+"""`explain` through the real server: quantised heat labelmaps for stock viewers, float32 maps for
+plugins, negated prompts, volumes with one scale, and bad input."""
+import json
+
+import nrrd
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from test_server import assert_still_serving
+
+from clinlens.server import read_multipart, slicer_post
+
+OHIF = {"result_extension": ".nrrd", "result_compress": False, "restore_label_idx": False}
+
+
+def first(server, prefix):
+    ids = sorted(requests.get(server.url + "/datastore/?output=all").json()["objects"])
+    return next(i for i in ids if i.startswith(prefix))
+
+
+def float_map(server, image, params, name="heat.nrrd"):
+    r = requests.post(f"{server.url}/infer/explain", params={"image": image, "output": "all"},
+                      files={"params": (None, json.dumps({**OHIF, "result_dtype": "float32", **params}))})
+    assert r.status_code == 200, r.text
+    parts = read_multipart(r)
+    p = server.tmp / name
+    p.write_bytes(parts["image"].content)
+    arr, _ = nrrd.read(str(p), index_order="C")
+    return arr, json.loads(parts["params"].content)
+
+
+def test_info_offers_targets_and_methods(server):
+    m = requests.get(server.url + "/info/").json()["models"]["explain"]
+    assert m["type"] == "segmentation" and "cardiomegaly" in m["config"]["target"]
+    assert m["config"]["method"][0] == "medgrad"
+
+
+def test_slicer_gets_named_heat_levels(server):
+    image = first(server, "chest")
+    r = slicer_post(f"{server.url}/infer/explain?image={image}", {"target": "cardiomegaly"})
+    assert r.status_code == 200, r.text
+    parts = read_multipart(r)
+    res = json.loads(parts["params"].content)
+    p = server.tmp / "heat.png"
+    p.write_bytes(parts["image"].content)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+    assert set(np.unique(lab)) <= {0, 1, 2, 3, 4} and lab.max() == 4  # the hottest level is always there
+    assert res["label_names"]["heat 80-100% · cardiomegaly"] == 4
+    H, W = lab.shape
+    for reg in res["top_regions"]:
+        x0, y0, x1, y1 = reg["box"]
+        assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H and reg["peak"] >= 0.8
+    assert res["words"]["tokens"] and len(res["words"]["tokens"]) == len(res["words"]["scores"])
+
+
+def test_float32_map_and_negated_prompt(server):
+    image = first(server, "chest")
+    pos, rp = float_map(server, image, {"prompt": "pleural effusion"})
+    neg, rn = float_map(server, image, {"prompt": "no pleural effusion"}, "neg.nrrd")
+    assert pos.dtype == np.float32 and 0 <= pos.min() and abs(pos.max() - 1) < 0.01  # upsampled: the grid max is 1
+    assert rn["negated"] is True and rp["negated"] is False and rn["explained"] == "pleural effusion"
+    np.testing.assert_allclose(pos, neg, atol=1e-5)  # "no X" is explained by the evidence for X
+
+
+def test_volume_is_explained_slice_wise_on_one_scale(server):
+    image = first(server, "ct")
+    heat, res = float_map(server, image, {"target": "lung nodule"}, "ct.nrrd")
+    per_slice = heat.reshape(heat.shape[0], -1).max(1)
+    assert heat.ndim == 3 and per_slice.max() > 0.95 and per_slice.min() < 0.9  # one scale: weaker slices stay lower
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"target": "unicorn"}, "unknown target"),
+    ({"prompt": "  "}, "'prompt' is empty"),
+    ({"target": "nodule", "radius": 0}, "'radius' must be > 0"),
+    ({"target": "nodule", "result_dtype": "float32", "result_extension": ".png"}, "cannot hold floats"),
+    ({"target": "nodule", "method": "magic"}, "magic"),
+])
+def test_explain_bad_input(server, params, words):
+    r = slicer_post(f"{server.url}/infer/explain?image={first(server, 'chest')}", params)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text
+    assert_still_serving(server)
