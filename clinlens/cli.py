@@ -45,8 +45,10 @@ def cmd_train_default(a) -> int:
         train_region_default(a.out, seed=a.seed, device=a.device)
     if not a.skip_concepts and not a.region_only:
         from clinlens.trainers.concepts import train_csr_default
+        from clinlens.trainers.prompt_learning import train_prompt_default
 
         train_csr_default(a.out, seed=a.seed, device=a.device)
+        train_prompt_default(a.out, seed=a.seed, device=a.device)
     return 0
 
 
@@ -176,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--skip-region", action="store_true", help="train only the CLIP, not the region model")
     t.add_argument("--region-only", action="store_true", help="train only the region model on the existing CLIP")
-    t.add_argument("--skip-concepts", action="store_true", help="do not train the concept (CSR) models")
-    t.add_argument("--concepts-only", action="store_true", help="train only the concept (CSR) models")
+    t.add_argument("--skip-concepts", action="store_true", help="do not train the concept (CSR) models and prompt learners")
+    t.add_argument("--concepts-only", action="store_true", help="train only the concept (CSR) models and prompt learners")
     t.set_defaults(fn=cmd_train_default)
 
     pr = sub.add_parser("prune-prototypes", help="remove CSR prototypes by id and refit the task head (atlas pruning)")

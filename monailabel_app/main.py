@@ -17,7 +17,8 @@ from monailabel.interfaces.app import MONAILabelApp
 import clinlens
 from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES
 from clinlens.data.studies import LABELS
-from clinlens.infer.concepts import ConceptRegionsInfer, ConceptsInfer, LazyCSR
+from clinlens.infer.concepts import (ConceptRegionsInfer, ConceptsInfer, LazyCSR, LazyPromptLearner,
+                                     PromptClassifyInfer)
 from clinlens.infer.datastore import CheckedLocalDatastore, ClinlensDICOMWebDatastore
 from clinlens.infer.explain import ExplainInfer
 from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, TextSegInfer
@@ -38,6 +39,7 @@ class MyApp(MONAILabelApp):
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
         self.region = LazyRegion(self.clip, os.path.join(self.model_dir, "region.safetensors"))
         self.csr = LazyCSR(self.clip, self.model_dir)
+        self.prompts = LazyPromptLearner(self.clip, self.model_dir)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -76,12 +78,13 @@ class MyApp(MONAILabelApp):
             "zeroshot": ZeroShotInfer(self.clip, VOCAB),
             "concepts": ConceptsInfer(self.csr),
             "concept_regions": ConceptRegionsInfer(self.csr),
+            "prompt_classify": PromptClassifyInfer(self.prompts),
             "explain": ExplainInfer(self.clip, list(dict.fromkeys(n for names in VOCAB.values() for n in names))),
         }
 
     def init_trainers(self):
         return {"region_seg": RegionSegTrain(self.clip, self.region.publish_path, dict(LABELS)),
-                "concepts": ConceptsTrain(self.csr, dict(LABELS))}
+                "concepts": ConceptsTrain(self.csr, dict(LABELS), self.prompts)}
 
     def infer(self, request, datastore=None):
         model = request.get("model")

@@ -103,6 +103,18 @@ def test_concept_regions_names_its_labels_for_stock_viewers(server):
         assert concept in DERM_CONCEPTS and 0 <= float(score) <= 1 and (lab == idx).any()
 
 
+def test_prompt_classify_returns_classes_and_concept_weights(server):
+    image = first(server, "derm")
+    r = slicer_post(f"{server.url}/infer/prompt_classify?image={image}", {})
+    assert r.status_code == 200, r.text
+    res = json.loads(read_multipart(r)["params"].content)
+    probs = [c["probability"] for c in res["classes"]]
+    assert {c["class"] for c in res["classes"]} == set(DERM_DIAGNOSES) and abs(sum(probs) - 1) < 1e-3
+    alpha = {w["concept"]: w["alpha"] for w in res["concept_weights"]}
+    assert set(alpha) == set(DERM_CONCEPTS) and abs(sum(alpha.values()) - 1) < 1e-3
+    assert requests.get(server.url + "/info/").json()["models"]["prompt_classify"]["type"] == "classification"
+
+
 def test_concepts_on_a_chosen_ct_slice(server):
     image = first(server, "ct")
     res, parts = concepts_json(server, image, {"slice": 3})
@@ -117,7 +129,7 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     from monailabel.datastore.local import LocalDatastore
 
     from clinlens.data.studies import LABELS
-    from clinlens.infer.concepts import LazyCSR
+    from clinlens.infer.concepts import LazyCSR, LazyPromptLearner
     from clinlens.models.clip import LazyClip
     from clinlens.models.csr import CSRModel
     from clinlens.trainers.concepts_task import ConceptsTrain, datastore_items
@@ -132,13 +144,17 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     p = tmp_path / "drawn.png"
     sitk.WriteImage(sitk.GetImageFromArray(lab), str(p))
     ds.save_label(derm, str(p), "final", {"label_info": [{"name": "pigment network", "idx": 10}]})
+    for i in sorted(i for i in ds.list_images() if i.startswith("derm")):  # feedback: diagnoses in image info
+        dx = json.loads((root / "clinlens" / f"{i}.json").read_text())["diagnosis"]
+        ds.update_image_info(i, {"diagnosis": dx})
     items = datastore_items(ds, LABELS)
     mine = next(it for it in items["derm"] if it[0] == derm)
     assert mine[2]["pigment network"] == 1 and mine[4]["pigment network"].sum() == 40 * 60
 
-    csr = LazyCSR(LazyClip(), tmp_path / "model")
+    clip = LazyClip()
+    csr, prompts = LazyCSR(clip, tmp_path / "model"), LazyPromptLearner(clip, tmp_path / "model")
     shipped = csr.get("derm")
-    task = ConceptsTrain(csr, LABELS)
+    task = ConceptsTrain(csr, LABELS, prompts)
     out = task({"steps": 5, "prune": {"derm": [0, 1]}}, ds)
     assert out["derm"]["drawn_regions"] >= 1 and out["derm"]["pruned"] == [0, 1]
     assert csr.path("derm") == tmp_path / "model" / "csr_derm.safetensors"
@@ -146,3 +162,5 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     assert {0, 1}.isdisjoint(trained.proto_ids.tolist()) and trained.n_prototypes == shipped.n_prototypes - 2
     assert csr.get("derm").n_prototypes == trained.n_prototypes  # inference picks up the published model
     assert task.stats()["status"] == "DONE"
+    assert out["derm_prompts"]["images"] == len(items["derm"]) and out["derm_prompts"]["steps"] == 5
+    assert prompts.path("derm") == tmp_path / "model" / "prompt_derm.safetensors"

@@ -7,6 +7,7 @@
   (stock Slicer crashes on JSON-only replies).
 - `concept_regions` (segmentation): a labelmap of the evidence regions of the top concepts; label
   names carry the concept and its score ("pigment network 0.71"), so stock viewers show the reasoning.
+- `prompt_classify` (classification): the ClinCoCoOp classifier, its concept weights α in the JSON.
 
 Both work on 2D images and on a chosen `slice` of a volume. One CSR model per image family
 (`clinlens.trainers.concepts.csr_file`): the published one in `model_dir`, else the shipped one
@@ -30,28 +31,42 @@ from clinlens.models.csr import CSRModel
 from clinlens.trainers.concepts import csr_file
 
 
-class LazyCSR:
-    """family -> CSRModel on the current CLIP; the published file wins over the shipped one."""
+class LazyFamilyModel:
+    """family -> a model on the current CLIP; the file published in `model_dir` wins over the one shipped
+    beside the CLIP weights; reloaded when the file or the CLIP changes. `file_fn(dir, family)` names the
+    file, `load(bundle, path)` loads it; `task` is the train task that publishes it."""
 
-    def __init__(self, clip, model_dir):
+    def __init__(self, clip, model_dir, file_fn, load, what: str, task: str):
         self.clip = clip
         self.model_dir = Path(model_dir)
+        self.file_fn, self.load, self.what, self.task = file_fn, load, what, task
         self._models: dict = {}
 
     def path(self, family: str) -> Path:
-        pub = csr_file(self.model_dir, family)
-        return pub if pub.is_file() else csr_file(self.clip.path, family)
+        pub = self.file_fn(self.model_dir, family)
+        return pub if pub.is_file() else self.file_fn(self.clip.path, family)
 
-    def get(self, family: str) -> CSRModel:
+    def get(self, family: str):
         bundle = self.clip.get()
         path = self.path(family)
         if not path.is_file():
-            raise RequestError(f"no concept model for {family} images: train one (POST /train/concepts)", status=409)
+            raise RequestError(f"no {self.what} for {family} images: train one (POST /train/{self.task})", status=409)
         key = (id(bundle), str(path), path.stat().st_mtime)
         hit = self._models.get(family)
         if hit is None or hit[0] != key:
-            self._models[family] = (key, CSRModel.load(bundle, path))
+            self._models[family] = (key, self.load(bundle, path))
         return self._models[family][1]
+
+
+def LazyCSR(clip, model_dir) -> LazyFamilyModel:
+    return LazyFamilyModel(clip, model_dir, csr_file, CSRModel.load, "concept model", "concepts")
+
+
+def LazyPromptLearner(clip, model_dir) -> LazyFamilyModel:
+    from clinlens.models.prompt_learner import ClinCoCoOp
+    from clinlens.trainers.prompt_learning import prompt_file
+
+    return LazyFamilyModel(clip, model_dir, prompt_file, ClinCoCoOp.load, "prompt learner", "concepts")
 
 
 def _boxes(request, hw, S: int, roi) -> tuple[list, list]:
@@ -183,3 +198,31 @@ class ConceptRegionsInfer(_ConceptTask):
                             "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                             "prototype_id": int(model.proto_ids[j])})
         return place_2d(lab, image.spatial_shape, k), {"label_names": names, "regions": regions}
+
+
+class PromptClassifyInfer(ClinlensInfer):
+    """ClinCoCoOp classification (methods.md §3) with its per-image concept weights α as the explanation."""
+
+    def __init__(self, prompts: LazyFamilyModel):
+        super().__init__(type=InferType.CLASSIFICATION, labels=[], dimension=2,
+                         description="Concept-weighted prompt learning (ClinCoCoOp): class and concept weights",
+                         config={})
+        self.prompts = prompts
+
+    def run(self, request, image):
+        t0 = time.perf_counter()
+        p = parse_prompts(request, image.size_ijk, dimension=2)
+        plane = slice_2d(image.array, p.slice, image.is_rgb)
+        model = self.prompts.get(family_of(image))
+        bundle = self.prompts.clip.get()
+        with torch.no_grad():
+            out = model(bundle.pixel_values(to_unit_rgb(plane)))
+        probs = out["probs"][0].float().cpu().numpy()
+        alpha = out["alpha"][0].float().cpu().numpy()
+        order = np.argsort(-probs)
+        classes = [{"class": model.classes[i], "probability": round(float(probs[i]), 4)} for i in order]
+        weights = sorted(({"concept": c, "alpha": round(float(a), 4)} for c, a in zip(model.concepts, alpha)),
+                         key=lambda d: -d["alpha"])
+        result = {"label_names": {f"{classes[0]['class']} {classes[0]['probability']:.2f}": 1}, "classes": classes,
+                  "concept_weights": weights, "latencies": {"model_ms": round(1000 * (time.perf_counter() - t0), 1)}}
+        return place_2d(frame_mask(plane.shape[:2]), image.spatial_shape, p.slice), result

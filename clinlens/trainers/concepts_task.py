@@ -5,8 +5,8 @@ What it learns from, per datastore image:
   the active-learning loop and the viewers' feedback store them;
 - `final` label segments named after a concept (a Slicer segment named "pigment network"): the
   concept is present and the drawn region is its local concept vector (stage 2, directly).
-Each image family present is trained (continuing from its current model) and published atomically
-to `model_dir`, which inference reloads. `prune` ({family: [prototype ids]}) removes prototypes and
+Each image family present is trained (continuing from its current model; with images that carry a
+class, its ClinCoCoOp prompt learner too) and published atomically to `model_dir`, which inference reloads. `prune` ({family: [prototype ids]}) removes prototypes and
 refits the task head: the train-time atlas pruning.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import family_of
 from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, train_csr
+from clinlens.trainers.prompt_learning import prompt_file, train_prompt_learner
 from clinlens.trainers.region_task import label_names
 
 
@@ -51,9 +52,11 @@ def datastore_items(datastore, fallback_labels: dict) -> dict[str, list]:
 
 
 class ConceptsTrain(TrainTask):
-    def __init__(self, csr, labels: dict, description="Train the concept (CSR) models from feedback"):
+    def __init__(self, csr, labels: dict, prompts=None, description="Train the concept (CSR) models and the "
+                 "prompt learners from feedback"):
         super().__init__(description)
         self.csr = csr  # clinlens.infer.concepts.LazyCSR
+        self.prompts = prompts  # clinlens.infer.concepts.LazyPromptLearner (optional)
         self.labels = dict(labels)
         self.stats_path = Path(csr.model_dir) / "concepts.train_stats.json"
 
@@ -85,6 +88,11 @@ class ConceptsTrain(TrainTask):
                                        init=init if init.is_file() else None,
                                        prune=[int(p) for p in prune.get(fam, [])],
                                        extra={"source": "datastore", "family": fam})
+            if self.prompts is not None and any(it[3] in classes for it in items):
+                pinit = self.prompts.path(fam)
+                summaries[f"{fam}_prompts"] = train_prompt_learner(
+                    bundle, items, prompt_file(self.csr.model_dir, fam), concepts, classes, steps=int(conf["steps"]),
+                    init=pinit if pinit.is_file() else None, extra={"source": "datastore", "family": fam})
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         self.stats_path.write_text(json.dumps({"status": "DONE", "total_time": f"{time.time() - start:.0f}s",
                                                "families": summaries}))

@@ -1,0 +1,84 @@
+"""Training of the ClinCoCoOp prompt learner (methods.md §3) on cached frozen image features.
+
+Items are those of the concept trainer (`clinlens.trainers.concepts`): (id, image, concepts, class,
+drawn regions); only images with a class train. Each class's concepts (for α) come from the
+labels (`class_concepts_from_labels`). One learner per image family (`prompt_<family>.safetensors`).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clinlens.models.prompt_learner import ClinCoCoOp, class_concepts_from_labels
+from clinlens.trainers.concepts import CSR_FAMILIES, _square, phantom_concept_items
+
+DEFAULTS = dict(steps=150, batch=32, lr=2e-3, n_images=240)
+
+
+def prompt_file(model_dir, family: str) -> Path:
+    return Path(model_dir) / f"prompt_{family}.safetensors"
+
+
+def train_prompt_learner(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"],
+                         batch: int = DEFAULTS["batch"], lr: float = DEFAULTS["lr"], seed: int = 0, init=None,
+                         progress: bool = True, log=print, extra: dict | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    items = [it for it in items if it[3] in classes]
+    if not items:
+        raise ValueError(f"no item has a class among {list(classes)}")
+    y = torch.tensor([classes.index(it[3]) for it in items])
+    yc = torch.tensor([[float(it[2].get(c, 0)) for c in concepts] for it in items])
+    model = (ClinCoCoOp.load(bundle, init) if init else
+             ClinCoCoOp.from_bundle(bundle, list(classes), list(concepts),
+                                    class_concepts=class_concepts_from_labels(yc, y, concepts, classes)))
+    feats, toks = [], []
+    with torch.no_grad():
+        for i in range(0, len(items), 32):
+            f, z = model.encode_image(bundle.pixel_values(np.stack([_square(it[1]) for it in items[i:i + 32]])))
+            feats.append(f.cpu())
+            toks.append(z.cpu())
+    feats, toks = torch.cat(feats), torch.cat(toks)
+    with torch.no_grad():
+        zero_acc = float((model(image_features=feats, patch_tokens=toks)["logits"].argmax(-1).cpu() == y).float().mean())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc="train-prompts", disable=not progress, mininterval=5):
+        idx = torch.randint(len(items), (min(batch, len(items)),), generator=g)
+        out = model(image_features=feats[idx], patch_tokens=toks[idx], labels=y[idx])
+        opt.zero_grad(set_to_none=True)
+        out["loss"]["total"].backward()
+        opt.step()
+        losses.append(float(out["loss"]["total"].detach()))
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(image_features=feats, patch_tokens=toks)["logits"].argmax(-1).cpu() == y).float().mean())
+    summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
+               "train_accuracy_before": round(zero_acc, 4), "train_accuracy": round(acc, 4),
+               "final_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
+               "seconds": round(time.time() - t0, 1), **(extra or {})}
+    model.save(out_path, extra={"training": summary})
+    log(f"published {out_path}: train accuracy {zero_acc:.3f} -> {acc:.3f}, {summary['seconds']}s")
+    return summary
+
+
+def train_prompt_default(out_dir, families=tuple(CSR_FAMILIES), seed: int = 0, n_images: int = DEFAULTS["n_images"],
+                         steps: int = DEFAULTS["steps"], device=None, progress: bool = True, log=print) -> dict:
+    """The shipped prompt learners, one per family, on phantoms and the CLIP in `out_dir`."""
+    from clinlens.models.clip import load_clip
+
+    bundle = load_clip(out_dir, device=device)
+    out = {}
+    for fam in families:
+        concepts, classes = CSR_FAMILIES[fam]
+        out[fam] = train_prompt_learner(bundle, phantom_concept_items(fam, seed, n_images), prompt_file(out_dir, fam),
+                                        concepts, classes, steps=steps, seed=seed, progress=progress, log=log,
+                                        extra={"command": "clinlens train-default --concepts-only", "family": fam})
+    return out
