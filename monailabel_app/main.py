@@ -24,7 +24,7 @@ from clinlens.infer.explain import ExplainInfer
 from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, TextSegInfer
 from clinlens.infer.zeroshot import ZeroShotInfer
 from clinlens.models.clip import LazyClip
-from clinlens.trainers.concepts_task import ConceptsTrain
+from clinlens.trainers.concepts_task import ConceptsTrain, PromptLearnerTrain
 from clinlens.trainers.region_task import RegionSegTrain
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ class MyApp(MONAILabelApp):
 
     def init_trainers(self):
         return {"region_seg": RegionSegTrain(self.clip, self.region.publish_path, dict(LABELS)),
-                "concepts": ConceptsTrain(self.csr, dict(LABELS), self.prompts)}
+                "concepts": ConceptsTrain(self.csr, dict(LABELS), self.prompts),
+                "prompt_learner": PromptLearnerTrain(self.prompts, dict(LABELS))}
 
     def infer(self, request, datastore=None):
         model = request.get("model")

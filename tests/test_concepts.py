@@ -30,7 +30,7 @@ def test_info_lists_the_concept_tasks(server):
     models = requests.get(server.url + "/info/").json()["models"]
     assert models["concepts"]["type"] == "classification"
     assert models["concept_regions"]["type"] == "segmentation"  # stock Slicer and OHIF can run it
-    assert "concepts" in requests.get(server.url + "/info/").json()["trainers"]
+    assert {"concepts", "prompt_learner"} <= set(requests.get(server.url + "/info/").json()["trainers"])
 
 
 def test_concepts_explains_a_derm_classification(server):
@@ -132,7 +132,7 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     from clinlens.infer.concepts import LazyCSR, LazyPromptLearner
     from clinlens.models.clip import LazyClip
     from clinlens.models.csr import CSRModel
-    from clinlens.trainers.concepts_task import ConceptsTrain, datastore_items
+    from clinlens.trainers.concepts_task import ConceptsTrain, PromptLearnerTrain, datastore_items
 
     root = tmp_path / "studies"
     shutil.copytree(studies, root)
@@ -164,3 +164,5 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     assert task.stats()["status"] == "DONE"
     assert out["derm_prompts"]["images"] == len(items["derm"]) and out["derm_prompts"]["steps"] == 5
     assert prompts.path("derm") == tmp_path / "model" / "prompt_derm.safetensors"
+    few = PromptLearnerTrain(prompts, LABELS)({"steps": 3, "shots": 1}, ds)
+    assert few["derm"]["images"] == len({it[3] for it in items["derm"]}) and few["derm"]["shots"] == 1

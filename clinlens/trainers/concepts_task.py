@@ -97,3 +97,49 @@ class ConceptsTrain(TrainTask):
         self.stats_path.write_text(json.dumps({"status": "DONE", "total_time": f"{time.time() - start:.0f}s",
                                                "families": summaries}))
         return summaries
+
+
+class PromptLearnerTrain(TrainTask):
+    """`prompt_learner`: few-shot ClinCoCoOp training from the images whose info carries a diagnosis
+    (`shots` per class at most, 0 = all), continuing from the current learner of each family."""
+
+    def __init__(self, prompts, labels: dict, description="Few-shot prompt learning (ClinCoCoOp) from labelled images"):
+        super().__init__(description)
+        self.prompts = prompts
+        self.labels = dict(labels)
+        self.stats_path = Path(prompts.model_dir) / "prompt_learner.train_stats.json"
+
+    def config(self):
+        return {"steps": 150, "batch": 16, "lr": 2e-3, "shots": 0}
+
+    def stats(self):
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def __call__(self, request, datastore):
+        conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        shots = int(conf["shots"])
+        bundle, start, summaries = self.prompts.clip.get(), time.time(), {}
+        for fam, items in sorted(datastore_items(datastore, self.labels).items()):
+            concepts, classes = CSR_FAMILIES[fam]
+            items = [it for it in items if it[3] in classes]
+            if shots > 0:
+                per_class = defaultdict(list)
+                for it in items:
+                    per_class[it[3]].append(it)
+                items = [it for group in per_class.values() for it in group[:shots]]
+            if not items:
+                continue
+            init = self.prompts.path(fam)
+            summaries[fam] = train_prompt_learner(bundle, items, prompt_file(self.prompts.model_dir, fam), concepts,
+                                                  classes, steps=int(conf["steps"]), batch=int(conf["batch"]),
+                                                  lr=float(conf["lr"]), init=init if init.is_file() else None,
+                                                  extra={"source": "datastore", "family": fam, "shots": shots})
+        if not summaries:
+            raise ValueError("no image has a diagnosis in its info: nothing to learn prompts from")
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        self.stats_path.write_text(json.dumps({"status": "DONE", "total_time": f"{time.time() - start:.0f}s",
+                                               "families": summaries}))
+        return summaries
