@@ -46,7 +46,7 @@ from clinlens.models.region_predictor import crop_window, focus_window
 
 # derm concepts whose mask is one contiguous region worth clicking on
 _DERM_OBJECTS = [c for c in DERM_SPATIAL if c in ("pigment network", "blue-white veil")]
-DEFAULTS = dict(steps=2000, batch=16, lr=1e-3, k=2, n_examples=900, time_budget_s=None)
+DEFAULTS = dict(steps=3000, batch=16, lr=1e-3, k=2, n_examples=900, time_budget_s=None)
 
 
 # ----------------------------------------------------------------------------- data
@@ -500,7 +500,7 @@ def train_region_default(out_dir=DEFAULT_CLIP_DIR, seed: int = 0, steps: int = D
                          **kw) -> dict:
     """Train the shipped region model from phantoms on the CLIP in `out_dir`; writes `out_dir/region.safetensors`.
 
-    Measured: 2000 steps x 16 (900 phantom objects) in 1101 s on 2 shared CPU cores with 1 torch
+    Measured: 3000 steps x 16 (900 phantom objects) in 1788 s on 2 CPU cores shared with other jobs, 1 torch
     thread. On CPU it runs `cpu_threads` torch threads (1 by default: on 2 cores shared with another
     torch process, 2 OpenMP threads ran 5-20x slower); `time_budget_s` (off by default, so the
     result depends only on the seed) stops early and still publishes."""
@@ -510,7 +510,7 @@ def train_region_default(out_dir=DEFAULT_CLIP_DIR, seed: int = 0, steps: int = D
     if bundle.device.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     log(f"train-region: {steps} steps x batch {batch} on {n_examples} phantom objects, "
-        f"{torch.get_num_threads()} torch thread(s); about 18-21 minutes on 2 CPU cores, less with a GPU"
+        f"{torch.get_num_threads()} torch thread(s); about 25-30 minutes on 2 CPU cores, less with a GPU"
         + (f" (hard stop after {time_budget_s:.0f}s)" if time_budget_s else ""))
     try:
         examples = phantom_region_examples(seed, n_examples)
