@@ -44,11 +44,9 @@ def cmd_train_default(a) -> int:
 
         train_region_default(a.out, seed=a.seed, device=a.device)
     if not a.skip_concepts and not a.region_only:
-        from clinlens.trainers.concepts import train_csr_default
-        from clinlens.trainers.prompt_learning import train_prompt_default
+        from clinlens.trainers.concepts import train_concept_models_default
 
-        train_csr_default(a.out, seed=a.seed, device=a.device)
-        train_prompt_default(a.out, seed=a.seed, device=a.device)
+        train_concept_models_default(a.out, seed=a.seed, device=a.device)
     return 0
 
 

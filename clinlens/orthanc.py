@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import requests
+
+from clinlens.server import free_port, wait_until_ready
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -28,8 +29,6 @@ def orthanc_available() -> str | None:
 
 class Orthanc:
     def __init__(self, workdir, port: int | None = None, timeout: float = 60):
-        from clinlens.server import free_port
-
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -57,18 +56,13 @@ class Orthanc:
         log = open(self.workdir / "orthanc.log", "w")
         self.proc = subprocess.Popen([ORTHANC_BIN, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; log: {self.workdir / 'orthanc.log'}")
-            try:
-                if requests.get(self.dicomweb_url + "/studies", timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"Orthanc did not answer within {self.timeout}s")
+        try:
+            ready = lambda: requests.get(self.dicomweb_url + "/studies", timeout=2).status_code == 200  # noqa: E731
+            wait_until_ready(self.proc, ready, self.timeout, "Orthanc", self.workdir / "orthanc.log", interval=0.3)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

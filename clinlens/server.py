@@ -41,6 +41,23 @@ def server_env(extra: dict | None = None) -> dict:
     return env
 
 
+def wait_until_ready(proc: subprocess.Popen, ready, timeout: float, what: str, log_path=None,
+                     interval: float = 0.5) -> None:
+    """Poll `ready()` (HTTP errors count as not ready) until true; RuntimeError if `proc` exits first,
+    TimeoutError after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; log: {log_path}")
+        try:
+            if ready():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"{what} did not answer within {timeout}s; log: {log_path}")
+
+
 class Server:
     """A server subprocess; `with Server(studies) as s: requests.get(s.url + "/info/")`."""
 
@@ -58,18 +75,13 @@ class Server:
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
-            try:
-                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"server did not answer /info/ within {self.timeout}s; log: {self.log_path}")
+        try:
+            wait_until_ready(self.proc, lambda: requests.get(self.url + "/info/", timeout=5).status_code == 200,
+                             self.timeout, "server (/info/)", self.log_path)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

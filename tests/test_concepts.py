@@ -78,6 +78,7 @@ def test_clinician_boxes_and_rejected_concepts_change_the_reasoning(server):
     ({"alpha": 2}, "'alpha' must be in [0, 1]"),
     ({"boxes": [{"box": [5, 5, 5, 9], "polarity": "positive"}]}, "empty or outside"),
     ({"boxes": [{"box": [0, 0, 4, 4], "polarity": "sideways"}]}, "bad box"),
+    ({"top_prototypes": "many"}, "'top_prototypes' must be a number"),
 ])
 def test_concepts_bad_input(server, params, words):
     r = slicer_post(f"{server.url}/infer/concepts?image={first(server, 'derm')}", params)

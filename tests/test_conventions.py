@@ -106,3 +106,14 @@ def test_slice_2d():
     assert slice_2d(rgb, None, is_rgb=True) is rgb
     with pytest.raises(RequestError):
         slice_2d(vol, 9)
+
+
+def test_number_option_parses_viewer_strings_and_names_bad_values():
+    from clinlens.data.conventions import RequestError, number_option
+
+    assert number_option({"alpha": "0.3"}, "alpha", 0.2, float, 0, 1) == 0.3  # Slicer sends strings
+    assert number_option({}, "levels", 4, int, 1, 20) == 4
+    with pytest.raises(RequestError, match="'levels' must be a number"):
+        number_option({"levels": "many"}, "levels", 4, int)
+    with pytest.raises(RequestError, match=r"'alpha' must be in \[0, 1\], got 2.0"):
+        number_option({"alpha": 2}, "alpha", 0.2, float, 0, 1)

@@ -26,6 +26,18 @@ class RequestError(ValueError):
         self.status = status
 
 
+def number_option(request: dict, key: str, default, kind=float, lo=None, hi=None):
+    """A numeric request option (viewers send strings too), or a RequestError naming it and its range."""
+    value = request.get(key, default)
+    try:
+        x = kind(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"'{key}' must be a number, got {value!r}") from None
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        raise RequestError(f"'{key}' must be in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}], got {x}")
+    return x
+
+
 def ijk_to_index(point) -> tuple[int, ...]:
     """Viewer IJK -> numpy array index (reversed order)."""
     return tuple(int(v) for v in reversed(list(point)))

@@ -28,10 +28,18 @@ def sorted_series_files(folder) -> list[str]:
 
 def write_seg(source_folder, label: np.ndarray, names: dict[int, str], out_path, series_description="clinlens SEG",
               seed_uid: str | None = None) -> Path:
-    """Write `label` ([z, y, x] ints over the series in `source_folder`) as a DICOM SEG file.
+    """`build_seg` saved to `out_path`; returns the path."""
+    out_path = Path(out_path)
+    build_seg(source_folder, label, names, series_description, seed_uid).save_as(out_path)
+    return out_path
+
+
+def build_seg(source_folder, label: np.ndarray, names: dict[int, str], series_description="clinlens SEG",
+              seed_uid: str | None = None):
+    """`label` ([z, y, x] ints over the series in `source_folder`) as a DICOM SEG dataset (highdicom).
 
     `names` maps label value -> segment name; values without a name are called "label <i>".
-    Returns the written path. Raises ValueError on a shape mismatch or an empty label."""
+    Raises ValueError on a shape mismatch or an empty label."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -61,7 +69,7 @@ def write_seg(source_folder, label: np.ndarray, names: dict[int, str], out_path,
     dense = np.zeros(label.shape, np.uint8)
     for n, v in enumerate(values, 1):
         dense[label == v] = n
-    seg = hd.seg.Segmentation(
+    return hd.seg.Segmentation(
         source_images=sources, pixel_array=dense, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(seed_uid, "seg-series"), series_number=900,
@@ -69,9 +77,6 @@ def write_seg(source_folder, label: np.ndarray, names: dict[int, str], out_path,
         manufacturer="clinlens", manufacturer_model_name="clinlens", software_versions=clinlens.__version__,
         device_serial_number="0", series_description=series_description[:64], omit_empty_frames=False,
     )
-    out_path = Path(out_path)
-    seg.save_as(out_path)
-    return out_path
 
 
 def read_seg(seg_path, source_folder) -> tuple[np.ndarray, dict[int, str]]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from clinlens.data.conventions import RequestError, parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import RequestError, number_option, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import to_unit_rgb
 from clinlens.infer.base import ClinlensInfer, family_of
 from clinlens.infer.zeroshot import frame_mask
@@ -66,7 +66,7 @@ def LazyPromptLearner(clip, model_dir) -> LazyFamilyModel:
     from clinlens.models.prompt_learner import ClinCoCoOp
     from clinlens.trainers.prompt_learning import prompt_file
 
-    return LazyFamilyModel(clip, model_dir, prompt_file, ClinCoCoOp.load, "prompt learner", "concepts")
+    return LazyFamilyModel(clip, model_dir, prompt_file, ClinCoCoOp.load, "prompt learner", "prompt_learner")
 
 
 def _boxes(request, hw, S: int, roi) -> tuple[list, list]:
@@ -109,13 +109,7 @@ class _ConceptTask(ClinlensInfer):
         unknown = [c for c in reject if c not in model.concepts]
         if unknown:
             raise RequestError(f"unknown concept(s) {unknown} in 'reject_concepts'; this model knows {model.concepts}")
-        alpha = request.get("alpha", model.config["alpha"])
-        try:
-            alpha = float(alpha)
-        except (TypeError, ValueError):
-            raise RequestError(f"'alpha' must be a number in [0, 1], got {alpha!r}") from None
-        if not 0 <= alpha <= 1:
-            raise RequestError(f"'alpha' must be in [0, 1], got {alpha}")
+        alpha = number_option(request, "alpha", model.config["alpha"], float, 0, 1)
         pos, neg = _boxes(request, plane.shape[:2], model.image_size, p.roi)
         bundle = self.csr.clip.get()
         with torch.no_grad():
@@ -146,9 +140,9 @@ class ConceptsInfer(_ConceptTask):
         cscore = out["concept_scores"][0].float().cpu().numpy()
         pscore = out["proto_scores"][0].float().cpu().numpy()
         atlas = {e["prototype_id"]: e for e in model.atlas}
-        top = int(request.get("top_prototypes", self._config["top_prototypes"]))
+        top = number_option(request, "top_prototypes", self._config["top_prototypes"], int, 0)
         protos = []
-        for j in np.argsort(-pscore)[:max(top, 0)]:
+        for j in np.argsort(-pscore)[:top]:
             pid = int(model.proto_ids[j])
             protos.append({"prototype_id": pid, "concept": model.concepts[int(model.proto_concept[j])],
                            "score": round(float(pscore[j]), 4),
@@ -174,13 +168,11 @@ class ConceptRegionsInfer(_ConceptTask):
         plane, k, model, out = self.evaluate(request, image)
         H, W = plane.shape[:2]
         cscore = out["concept_scores"][0].float().cpu()
-        n = int(request.get("top_concepts", self._config["top_concepts"]))
-        level = float(request.get("level", self._config["level"]))
-        if not 0 < level < 1:
-            raise RequestError(f"'level' must be in (0, 1), got {level}")
+        n = number_option(request, "top_concepts", self._config["top_concepts"], int, 0)
+        level = number_option(request, "level", self._config["level"], float, 0.01, 0.99)
         lab = np.zeros((H, W), np.uint8)
         names, regions = {}, []
-        for idx, ci in enumerate(torch.argsort(-cscore)[:max(n, 0)].tolist(), 1):
+        for idx, ci in enumerate(torch.argsort(-cscore)[:n].tolist(), 1):
             cols = (model.proto_concept == ci).nonzero().flatten()
             if not len(cols) or cscore[ci] <= 0:
                 continue

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 from fastapi import HTTPException
@@ -82,7 +81,7 @@ class ClinlensDICOMWebDatastore(DICOMWebDatastore):
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         from monailabel.datastore.utils.convert import binary_to_image
 
-        from clinlens.data.dicom_seg import write_seg
+        from clinlens.data.dicom_seg import build_seg
 
         image_uri = self.get_image_uri(image_id)
         tmp = []
@@ -93,15 +92,10 @@ class ClinlensDICOMWebDatastore(DICOMWebDatastore):
             label = check_label(image_uri, label_filename)
             if label_tag == DefaultLabelTag.FINAL:
                 image_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
-                seg_file = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name
-                tmp.append(seg_file)
                 try:
-                    write_seg(image_dir, label, _segment_names(label_info), seg_file)
+                    seg = build_seg(image_dir, label, _segment_names(label_info))
                 except ValueError as e:
                     raise HTTPException(422, f"label not saved: {e}") from e
-                import pydicom
-
-                seg = pydicom.dcmread(seg_file)
                 self._client.store_instances([seg])
                 info = self.get_image_info(image_id)
                 label_info = {**label_info, "SeriesInstanceUID": seg.SeriesInstanceUID,

@@ -15,7 +15,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from scipy import ndimage as ndi
 
-from clinlens.data.conventions import RequestError, parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import RequestError, number_option, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import file_ext, to_unit_rgb
 from clinlens.explain.grad_eclip import METHODS, explain, explain_volume
 from clinlens.infer.base import ClinlensInfer
@@ -68,16 +68,11 @@ class ExplainInfer(ClinlensInfer):
         method = request.get("method") or "medgrad"
         if isinstance(method, list):
             method = method[0]
-        try:
-            radius = float(request.get("radius", self._config["radius"]))
-            levels = int(request.get("levels", self._config["levels"]))
-            floor = float(request.get("floor", self._config["floor"]))
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"'radius', 'levels' and 'floor' must be numbers: {e}") from None
+        radius = number_option(request, "radius", self._config["radius"])
         if radius <= 0:
             raise RequestError(f"'radius' must be > 0 (entropy disk radius in px), got {radius}")
-        if not 1 <= levels <= 20 or not 0 <= floor < 1:
-            raise RequestError("'levels' must be 1..20 and 'floor' in [0, 1)")
+        levels = number_option(request, "levels", self._config["levels"], int, 1, 20)
+        floor = number_option(request, "floor", self._config["floor"], float, 0, 0.99)
         as_float = str(request.get("result_dtype", "")).lower() == "float32"
         ext = request.get("result_extension") or file_ext(image.path)
         if as_float and not str(ext).endswith(FLOAT_EXTS):

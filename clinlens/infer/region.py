@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from clinlens.data.conventions import RequestError, parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import RequestError, number_option, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import ClinlensInfer, family_of, upload_path
 from clinlens.models.region_clip import region_path
@@ -231,7 +231,7 @@ class TextSegInfer(_RegionTask):
             cand = self._best_on(pred, plane, request["image"], k, text)
             if cand and (best is None or cand[0] > best[0]):
                 best, best_k = cand, k
-        thr = float(request.get("threshold", self._config["threshold"]))
+        thr = number_option(request, "threshold", self._config["threshold"], float, 0, 1)
         found = best is not None and best[0] >= thr
         if not found:
             mask = np.zeros(image.spatial_shape, np.uint8)

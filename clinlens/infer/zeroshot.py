@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from clinlens.data.conventions import RequestError, parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import RequestError, number_option, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import to_unit_rgb
 from clinlens.infer.base import ClinlensInfer, family_of
 from clinlens.models.zeroshot import ZeroShotScorer
@@ -66,7 +66,7 @@ class ZeroShotInfer(ClinlensInfer):
         label_name = f"{top['finding']} {top['probability']:.2f}"
 
         mask = place_2d(frame_mask(plane.shape[:2]), img.spatial_shape, prompts.slice)
-        thr = float(request.get("threshold", self._config["threshold"]))
+        thr = number_option(request, "threshold", self._config["threshold"], float, 0, 1)
         result = {
             "label_names": {label_name: 1},
             "findings": scores,

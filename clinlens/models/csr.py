@@ -433,13 +433,13 @@ class CSRModel(nn.Module):
 
     # ------------------------------------------------------------------ atlas, pruning, refit
     @torch.no_grad()
-    def build_atlas(self, items: Iterable, store: bool = True) -> list[dict]:
+    def build_atlas(self, items: Iterable, store: bool = True, features: bool = False) -> list[dict]:
         """Tie each prototype to its nearest training patch.
 
         `items` yields (image_id, pixel_values) with pixel_values (3, S, S), or (B, 3, S, S) with a
-        sequence of B ids. Returns one entry per prototype (current order): prototype_id, concept,
-        image_id, patch [row, col], box [x0, y0, x1, y1] (pixels of the model input, half-open) and
-        similarity.
+        sequence of B ids; with `features`, cached patch features (B, D, h, w) instead of pixels.
+        Returns one entry per prototype (current order): prototype_id, concept, image_id, patch
+        [row, col], box [x0, y0, x1, y1] (pixels of the model input, half-open) and similarity.
         """
         p = self.n_prototypes
         best = torch.full((p,), float("-inf"))
@@ -449,7 +449,8 @@ class CSRModel(nn.Module):
             pv = pv[None] if pv.ndim == 3 else pv
             single = isinstance(image_id, (str, int)) or image_id is None
             ids = [image_id] if pv.shape[0] == 1 and single else list(image_id)
-            maps = self.similarity_maps(self.features(pv.to(self.device))).flatten(2).float().cpu()  # (B, P, hw)
+            f = pv.to(self.device) if features else self.features(pv.to(self.device))
+            maps = self.similarity_maps(f).flatten(2).float().cpu()  # (B, P, hw)
             val, idx = maps.max(-1)  # (B, P)
             for b in range(len(ids)):
                 better = val[b] > best

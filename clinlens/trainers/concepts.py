@@ -58,33 +58,29 @@ def phantom_concept_items(family: str, seed: int, n: int, size: int = 224) -> li
     return items
 
 
+def pixel_batches(bundle, items, chunk: int = 32):
+    """(image ids, normalised pixels (B, 3, S, S)) per chunk of items; any image size (pixel_values resizes)."""
+    for i in range(0, len(items), chunk):
+        part = items[i:i + chunk]
+        yield [it[0] for it in part], torch.cat([bundle.pixel_values(it[1]) for it in part])
+
+
 def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
     """Cached features, concept labels, class labels (-1 = none), drawn-region masks at the model input."""
     K, S = len(model.concepts), model.image_size
     feats, y, cls, regions = [], [], [], []
-    for i in range(0, len(items), chunk):
-        part = items[i:i + chunk]
-        with torch.no_grad():
-            feats.append(model.features(bundle.pixel_values(np.stack([_square(it[1]) for it in part]))).cpu())
-        for _, _, concepts, label, drawn in part:
-            y.append([float(concepts.get(c, 0)) for c in model.concepts])
-            cls.append(model.classes.index(label) if label in model.classes else -1)
-            r = torch.zeros(K, S, S)
-            for name, m in (drawn or {}).items():
-                if name in model.concepts:
-                    mt = torch.as_tensor(np.asarray(m, np.float32))[None, None]
-                    r[model.concepts.index(name)] = F.interpolate(mt, size=(S, S), mode="area")[0, 0]
-            regions.append(r)
+    with torch.no_grad():
+        feats = [model.features(pv).cpu() for _, pv in pixel_batches(bundle, items, chunk)]
+    for _, _, concepts, label, drawn in items:
+        y.append([float(concepts.get(c, 0)) for c in model.concepts])
+        cls.append(model.classes.index(label) if label in model.classes else -1)
+        r = torch.zeros(K, S, S)
+        for name, m in (drawn or {}).items():
+            if name in model.concepts:
+                mt = torch.as_tensor(np.asarray(m, np.float32))[None, None]
+                r[model.concepts.index(name)] = F.interpolate(mt, size=(S, S), mode="area")[0, 0]
+        regions.append(r)
     return torch.cat(feats), torch.tensor(y), torch.tensor(cls), torch.stack(regions)
-
-
-def _square(img: np.ndarray) -> np.ndarray:
-    """Resize any [H, W, 3] image to the common size its batch is stacked at (pixel_values resizes again)."""
-    if img.shape[0] == img.shape[1]:
-        return img
-    t = torch.as_tensor(img).permute(2, 0, 1)[None]
-    s = max(img.shape[:2])
-    return F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -143,7 +139,8 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
         out = model(features=feats.to(model.device))
         acc = float((out["logits"].argmax(-1).cpu()[labelled] == cls[labelled]).float().mean()) if labelled.any() else None
         auroc = _auroc(torch.sigmoid(out["concept_logits"]).cpu().numpy(), y.numpy())
-    model.build_atlas([(it[0], bundle.pixel_values(_square(it[1]))[0]) for it in items])
+    ids = [it[0] for it in items]
+    model.build_atlas([(ids[i:i + 32], feats[i:i + 32]) for i in range(0, len(ids), 32)], features=True)
     summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
                "drawn_regions": drawn, "pruned": sorted(int(i) for i in prune), "train_class_accuracy": acc,
                "train_concept_auroc": round(auroc, 4), "refit_accuracy": refit_acc,
@@ -154,17 +151,25 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     return summary
 
 
-def train_csr_default(out_dir, families=tuple(CSR_FAMILIES), seed: int = 0, n_images: int = DEFAULTS["n_images"],
-                      steps: int = DEFAULTS["steps"], device=None, progress: bool = True, log=print) -> dict:
-    """The shipped CSR models: one per family, trained on phantoms on the CLIP in `out_dir`."""
+def train_concept_models_default(out_dir, families=tuple(CSR_FAMILIES), seed: int = 0,
+                                 n_images: int = DEFAULTS["n_images"], steps: int = DEFAULTS["steps"],
+                                 prompt_steps: int | None = None, device=None, progress: bool = True,
+                                 log=print) -> dict:
+    """The shipped CSR models and ClinCoCoOp prompt learners, one of each per family, trained on the
+    same phantoms on the CLIP in `out_dir` (loaded once)."""
     from clinlens.models.clip import load_clip
+    from clinlens.trainers.prompt_learning import DEFAULTS as PROMPT_DEFAULTS
+    from clinlens.trainers.prompt_learning import prompt_file, train_prompt_learner
 
     bundle = load_clip(out_dir, device=device)
     out = {}
     for fam in families:
         concepts, classes = CSR_FAMILIES[fam]
         items = phantom_concept_items(fam, seed, n_images)
+        extra = {"command": "clinlens train-default --concepts-only", "family": fam}
         out[fam] = train_csr(bundle, items, csr_file(out_dir, fam), concepts, classes, steps=steps, seed=seed,
-                             progress=progress, log=log, extra={"command": "clinlens train-default --concepts-only",
-                                                                "family": fam})
+                             progress=progress, log=log, extra=extra)
+        out[f"{fam}_prompts"] = train_prompt_learner(
+            bundle, items, prompt_file(out_dir, fam), concepts, classes, seed=seed, progress=progress, log=log,
+            steps=PROMPT_DEFAULTS["steps"] if prompt_steps is None else prompt_steps, extra=extra)
     return out

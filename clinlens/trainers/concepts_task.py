@@ -11,19 +11,18 @@ refits the task head: the train-time atlas pruning.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from monailabel.interfaces.tasks.train import TrainTask
 
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import family_of
 from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, train_csr
 from clinlens.trainers.prompt_learning import prompt_file, train_prompt_learner
 from clinlens.trainers.region_task import label_names
+from clinlens.trainers.task import StatsTrainTask
 
 
 def datastore_items(datastore, fallback_labels: dict) -> dict[str, list]:
@@ -51,26 +50,19 @@ def datastore_items(datastore, fallback_labels: dict) -> dict[str, list]:
     return dict(out)
 
 
-class ConceptsTrain(TrainTask):
-    def __init__(self, csr, labels: dict, prompts=None, description="Train the concept (CSR) models and the "
-                 "prompt learners from feedback"):
-        super().__init__(description)
+class ConceptsTrain(StatsTrainTask):
+    def __init__(self, csr, labels: dict, prompts=None,
+                 description="Train the concept (CSR) models and the prompt learners from feedback"):
+        super().__init__(description, Path(csr.model_dir) / "concepts.train_stats.json")
         self.csr = csr  # clinlens.infer.concepts.LazyCSR
         self.prompts = prompts  # clinlens.infer.concepts.LazyPromptLearner (optional)
         self.labels = dict(labels)
-        self.stats_path = Path(csr.model_dir) / "concepts.train_stats.json"
 
     def config(self):
         return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}}
 
-    def stats(self):
-        try:
-            return json.loads(self.stats_path.read_text())
-        except (OSError, ValueError):
-            return {}
-
     def __call__(self, request, datastore):
-        conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        conf = self.options(request)
         prune = conf["prune"] if isinstance(conf["prune"], dict) else {}
         per_family = datastore_items(datastore, self.labels)
         if not per_family and not prune:
@@ -93,33 +85,24 @@ class ConceptsTrain(TrainTask):
                 summaries[f"{fam}_prompts"] = train_prompt_learner(
                     bundle, items, prompt_file(self.csr.model_dir, fam), concepts, classes, steps=int(conf["steps"]),
                     init=pinit if pinit.is_file() else None, extra={"source": "datastore", "family": fam})
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        self.stats_path.write_text(json.dumps({"status": "DONE", "total_time": f"{time.time() - start:.0f}s",
-                                               "families": summaries}))
+        self.write_stats(status="DONE", total_time=f"{time.time() - start:.0f}s", families=summaries)
         return summaries
 
 
-class PromptLearnerTrain(TrainTask):
+class PromptLearnerTrain(StatsTrainTask):
     """`prompt_learner`: few-shot ClinCoCoOp training from the images whose info carries a diagnosis
     (`shots` per class at most, 0 = all), continuing from the current learner of each family."""
 
     def __init__(self, prompts, labels: dict, description="Few-shot prompt learning (ClinCoCoOp) from labelled images"):
-        super().__init__(description)
+        super().__init__(description, Path(prompts.model_dir) / "prompt_learner.train_stats.json")
         self.prompts = prompts
         self.labels = dict(labels)
-        self.stats_path = Path(prompts.model_dir) / "prompt_learner.train_stats.json"
 
     def config(self):
         return {"steps": 150, "batch": 16, "lr": 2e-3, "shots": 0}
 
-    def stats(self):
-        try:
-            return json.loads(self.stats_path.read_text())
-        except (OSError, ValueError):
-            return {}
-
     def __call__(self, request, datastore):
-        conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        conf = self.options(request)
         shots = int(conf["shots"])
         bundle, start, summaries = self.prompts.clip.get(), time.time(), {}
         for fam, items in sorted(datastore_items(datastore, self.labels).items()):
@@ -139,7 +122,5 @@ class PromptLearnerTrain(TrainTask):
                                                   extra={"source": "datastore", "family": fam, "shots": shots})
         if not summaries:
             raise ValueError("no image has a diagnosis in its info: nothing to learn prompts from")
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        self.stats_path.write_text(json.dumps({"status": "DONE", "total_time": f"{time.time() - start:.0f}s",
-                                               "families": summaries}))
+        self.write_stats(status="DONE", total_time=f"{time.time() - start:.0f}s", families=summaries)
         return summaries

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from clinlens.models.prompt_learner import ClinCoCoOp, class_concepts_from_labels
-from clinlens.trainers.concepts import CSR_FAMILIES, _square, phantom_concept_items
+from clinlens.trainers.concepts import pixel_batches
 
 DEFAULTS = dict(steps=150, batch=32, lr=2e-3, n_images=240)
 
@@ -37,13 +37,9 @@ def train_prompt_learner(bundle, items, out_path, concepts, classes, steps: int 
     model = (ClinCoCoOp.load(bundle, init) if init else
              ClinCoCoOp.from_bundle(bundle, list(classes), list(concepts),
                                     class_concepts=class_concepts_from_labels(yc, y, concepts, classes)))
-    feats, toks = [], []
     with torch.no_grad():
-        for i in range(0, len(items), 32):
-            f, z = model.encode_image(bundle.pixel_values(np.stack([_square(it[1]) for it in items[i:i + 32]])))
-            feats.append(f.cpu())
-            toks.append(z.cpu())
-    feats, toks = torch.cat(feats), torch.cat(toks)
+        enc = [model.encode_image(pv) for _, pv in pixel_batches(bundle, items)]
+    feats, toks = torch.cat([f.cpu() for f, _ in enc]), torch.cat([z.cpu() for _, z in enc])
     with torch.no_grad():
         zero_acc = float((model(image_features=feats, patch_tokens=toks)["logits"].argmax(-1).cpu() == y).float().mean())
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -67,18 +63,3 @@ def train_prompt_learner(bundle, items, out_path, concepts, classes, steps: int 
     model.save(out_path, extra={"training": summary})
     log(f"published {out_path}: train accuracy {zero_acc:.3f} -> {acc:.3f}, {summary['seconds']}s")
     return summary
-
-
-def train_prompt_default(out_dir, families=tuple(CSR_FAMILIES), seed: int = 0, n_images: int = DEFAULTS["n_images"],
-                         steps: int = DEFAULTS["steps"], device=None, progress: bool = True, log=print) -> dict:
-    """The shipped prompt learners, one per family, on phantoms and the CLIP in `out_dir`."""
-    from clinlens.models.clip import load_clip
-
-    bundle = load_clip(out_dir, device=device)
-    out = {}
-    for fam in families:
-        concepts, classes = CSR_FAMILIES[fam]
-        out[fam] = train_prompt_learner(bundle, phantom_concept_items(fam, seed, n_images), prompt_file(out_dir, fam),
-                                        concepts, classes, steps=steps, seed=seed, progress=progress, log=log,
-                                        extra={"command": "clinlens train-default --concepts-only", "family": fam})
-    return out

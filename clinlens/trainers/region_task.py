@@ -9,17 +9,15 @@ more than one GPU and `multi_gpu` (default on), it trains on all of them with DD
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
-from monailabel.interfaces.tasks.train import TrainTask
 
 from clinlens.models.clip import load_clip
 from clinlens.models.region_clip import region_path
 from clinlens.trainers.region_seg import label_examples, train_region, train_region_ddp
+from clinlens.trainers.task import StatsTrainTask
 
 
 def label_names(info: dict | None, fallback: dict) -> dict:
@@ -29,32 +27,19 @@ def label_names(info: dict | None, fallback: dict) -> dict:
     return names or dict(fallback)
 
 
-class RegionSegTrain(TrainTask):
+class RegionSegTrain(StatsTrainTask):
     def __init__(self, clip, publish_path: str | Path, labels: dict, description="Train the region model from final labels"):
-        super().__init__(description)
+        super().__init__(description, Path(publish_path).with_suffix(".train_stats.json"))
         self.clip = clip
         self.publish_path = Path(publish_path)
         self.labels = dict(labels)
-        self.stats_path = self.publish_path.with_suffix(".train_stats.json")
 
     def config(self):
         return {"steps": 200, "batch": 8, "lr": 5e-4, "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "multi_gpu": True}
 
-    def stats(self):
-        try:
-            return json.loads(self.stats_path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _write_stats(self, **kw):
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.stats_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(kw))
-        os.replace(tmp, self.stats_path)
-
     def __call__(self, request, datastore):
-        conf = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        conf = self.options(request)
         ids = datastore.get_labeled_images()
         if not ids:
             raise ValueError("no final labels in the datastore to train region_seg from")
@@ -64,7 +49,7 @@ class RegionSegTrain(TrainTask):
             examples += list(label_examples([datastore.get_image_uri(i)], [datastore.get_label_uri(i, "final")], names))
         init = self.publish_path if self.publish_path.is_file() else region_path(self.clip.path)
         start = time.time()
-        self._write_stats(status="RUNNING", start_ts=int(start), total_time="0s", images=len(ids), objects=len(examples))
+        self.write_stats(status="RUNNING", start_ts=int(start), total_time="0s", images=len(ids), objects=len(examples))
         kw = dict(steps=int(conf["steps"]), batch=int(conf["batch"]), lr=float(conf["lr"]),
                   init=init if init.is_file() else None, progress=True,
                   extra={"source": "datastore final labels", "images": len(ids)})
@@ -73,6 +58,6 @@ class RegionSegTrain(TrainTask):
             summary = train_region_ddp(self.clip.path, examples, self.publish_path, world_size=gpus, backend="nccl", **kw)
         else:
             summary = train_region(load_clip(self.clip.path, device=conf["device"]), examples, self.publish_path, **kw)
-        self._write_stats(status="DONE", start_ts=int(start), total_time=f"{time.time() - start:.0f}s", images=len(ids),
+        self.write_stats(status="DONE", start_ts=int(start), total_time=f"{time.time() - start:.0f}s", images=len(ids),
                           objects=len(examples), steps=summary["steps"], train_dice=summary.get("final_dice"))
         return summary
