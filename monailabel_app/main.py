@@ -13,13 +13,15 @@ import os
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferType
 
 import clinlens
 from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES
 from clinlens.data.studies import LABELS
+from clinlens.infer.batch import ClinlensBatchInfer
 from clinlens.infer.concepts import (ConceptRegionsInfer, ConceptsInfer, LazyCSR, LazyPromptLearner,
                                      PromptClassifyInfer)
-from clinlens.infer.datastore import CheckedLocalDatastore, ClinlensDICOMWebDatastore
+from clinlens.infer.datastore import CheckedLocalDatastore, ClinlensDICOMWebDatastore, save_result
 from clinlens.infer.explain import ExplainInfer
 from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, TextSegInfer
 from clinlens.infer.zeroshot import ZeroShotInfer
@@ -82,6 +84,9 @@ class MyApp(MONAILabelApp):
             "explain": ExplainInfer(self.clip, list(dict.fromkeys(n for names in VOCAB.values() for n in names))),
         }
 
+    def init_batch_infer(self):
+        return ClinlensBatchInfer()
+
     def init_trainers(self):
         return {"region_seg": RegionSegTrain(self.clip, self.region.publish_path, dict(LABELS)),
                 "concepts": ConceptsTrain(self.csr, dict(LABELS), self.prompts),
@@ -99,7 +104,14 @@ class MyApp(MONAILabelApp):
             uri = ds.get_image_uri(image)
             if not uri:
                 raise HTTPException(404, f"image '{image}' is not in the datastore")
-        return super().infer(request, datastore)
+        res = super().infer(request, datastore)
+        # /batch/infer: stock MONAI Label keeps a result only as a label file's info; classification
+        # results (and any result without a file) also go into the image info, where they can be read
+        if (request.get("save_label") and isinstance(image, str) and not os.path.exists(image)
+                and res.get("params") is not None
+                and (not res.get("file") or self._infers[model].type == InferType.CLASSIFICATION)):
+            save_result(datastore or self.datastore(), image, model, res["params"], request.get("label_tag", "original"))
+        return res
 
     def on_init_complete(self):
         super().on_init_complete()

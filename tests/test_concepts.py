@@ -167,3 +167,19 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     assert prompts.path("derm") == tmp_path / "model" / "prompt_derm.safetensors"
     few = PromptLearnerTrain(prompts, LABELS)({"steps": 3, "shots": 1}, ds)
     assert few["derm"]["images"] == len({it[3] for it in items["derm"]}) and few["derm"]["shots"] == 1
+
+
+def test_batch_infer_keeps_classification_results_in_the_datastore(server):
+    """/batch/infer/<model> on a classification task: stock MONAI Label drops results without a label file."""
+    ids = sorted(i for i in requests.get(server.url + "/datastore/?output=all").json()["objects"] if i.startswith("derm"))[:2]
+    r = requests.post(f"{server.url}/batch/infer/concepts", params={"run_sync": True},
+                      json={"images": ids, "max_workers": 1})  # the endpoint defaults: device cuda, multi_gpu
+    assert r.status_code == 200, r.text
+    for image in ids:
+        info = requests.get(f"{server.url}/datastore/image/info", params={"image": image}).json()
+        kept = info["clinlens_results"]["concepts"]
+        live, _ = concepts_json(server, image, {})
+        assert kept["tag"] == "original" and kept["saved"]
+        assert [c["class"] for c in kept["params"]["classes"]] == [c["class"] for c in live["classes"]]
+        for a, b in zip(kept["params"]["classes"], live["classes"]):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)

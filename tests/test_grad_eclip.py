@@ -155,6 +155,20 @@ def test_local_entropy_flat_textured_and_radius(bundle):
             explain(bundle, image=img, target_text="nodule", radius=bad)
 
 
+def test_local_entropy_bins_and_large_images():
+    rng = np.random.default_rng(2)
+    img = rng.uniform(0, 1, (224, 224)).astype(np.float32)
+    # uniform noise: the entropy approaches log2(bins), capped by the disk's pixel count (81 at radius 5)
+    assert float(np.median(local_entropy(img, bins=16))) == pytest.approx(4.0, abs=0.25)
+    assert float(np.median(local_entropy(img, bins=64))) > 5.0  # > log2(16): more levels resolved
+    for bad in (1, 257, 3.5):
+        with pytest.raises(ValueError, match="bins"):
+            local_entropy(img, bins=bad)
+    big = np.kron(img, np.ones((3, 3), np.float32))  # 672 px: block-averaged back to 224 before the filter
+    e = local_entropy(big)
+    assert e.shape == (224, 224) and np.allclose(e, local_entropy(img))
+
+
 def test_entropy_weighting_moves_mass_to_the_textured_half(bundle):
     rng = np.random.default_rng(1)
     img = np.full((224, 224), 0.5, np.float32)

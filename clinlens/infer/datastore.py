@@ -1,6 +1,9 @@
 """Datastores that refuse bad labels before anything is written (4xx, nothing lost).
 
 - `CheckedLocalDatastore`: a studies folder.
+- `save_result`: results without a label file (classification, concepts) are kept in the image
+  info under `clinlens_results`, so `/batch/infer/<model>` persists them too; stock MONAI Label
+  only saves results that come with a label file.
 - `ClinlensDICOMWebDatastore`: a DICOMweb server (Orthanc, the way OHIF opens it). Image id =
   SeriesInstanceUID; series are cached and converted to NIfTI by MONAI Label. `final` labels go
   back as DICOM SEG over STOW, written by highdicom (`clinlens.data.dicom_seg`), so no dcmqi
@@ -8,9 +11,11 @@
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import pathlib
+import threading
 
 import numpy as np
 from fastapi import HTTPException
@@ -22,6 +27,21 @@ from clinlens.data.conventions import RequestError
 from clinlens.data.image_io import load_image
 
 logger = logging.getLogger(__name__)
+
+
+RESULTS_KEY = "clinlens_results"
+_RESULTS_LOCK = threading.Lock()  # batch infer runs images in threads; the info update is read-modify-write
+
+
+def save_result(datastore, image_id: str, model: str, params: dict, tag: str = DefaultLabelTag.ORIGINAL) -> dict:
+    """Keep a label-less result in the image info: {RESULTS_KEY: {model: {tag, params, saved}}}."""
+    entry = {"tag": str(getattr(tag, "value", tag)), "params": params,
+             "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with _RESULTS_LOCK:
+        results = dict(datastore.get_image_info(image_id).get(RESULTS_KEY) or {})
+        results[model] = entry
+        datastore.update_image_info(image_id, {RESULTS_KEY: results})
+    return entry
 
 
 def _squeeze(shape) -> tuple:
