@@ -16,6 +16,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 import clinlens
+from clinlens.activelearning.feedback import FEEDBACK_KEY, SEGMENTS_KEY, feedback_checker
 from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES
 from clinlens.data.studies import LABELS
 from clinlens.infer.batch import ClinlensBatchInfer
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # what each kind of image is scored against ("what is here", zero-shot, text_seg's option box)
 VOCAB = {"chest": CHEST_FINDINGS, "derm": DERM_CONCEPTS + DERM_DIAGNOSES, "ct": CT_FINDINGS}
+# every finding and concept a saved segment name can map onto
+NAMES = tuple(dict.fromkeys([*LABELS, *(n for names in VOCAB.values() for n in names)]))
 
 
 class MyApp(MONAILabelApp):
@@ -65,6 +68,8 @@ class MyApp(MONAILabelApp):
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            vocabulary=NAMES,
+            feedback_check=feedback_checker(self.csr),
         )
 
     def _download_dcmqi_tools(self):
@@ -113,10 +118,38 @@ class MyApp(MONAILabelApp):
             save_result(datastore or self.datastore(), image, model, res["params"], request.get("label_tag", "original"))
         return res
 
+    def on_save_label(self, image_id, label_id):
+        """Save Label's answer: how the segment names mapped, the image's stored feedback, and
+        whether `auto_train_after` new final labels started training."""
+        super().on_save_label(image_id, label_id)
+        ds = self.datastore()
+        seg = (ds.get_label_info(image_id, "final") or {}).get(SEGMENTS_KEY) or {}
+        res = {"segments": seg.get("segments", []), "unknown_segments": seg.get("unknown", []),
+               "feedback": (ds.get_image_info(image_id) or {}).get(FEEDBACK_KEY)}
+        every = int(self.conf.get("auto_train_after", 0) or 0)
+        if every > 0:
+            n = len(ds.get_labeled_images())
+            if n - self._labels_at_train >= every:
+                self._labels_at_train = n
+                res["auto_train"] = sorted(self.async_training(list(self._trainers), enqueue=True))
+        return res
+
     def on_init_complete(self):
         super().on_init_complete()
+        from fastapi import Body
         from monailabel.app import app as fastapi_app
 
         from clinlens.infer.http import install_error_handlers
 
         install_error_handlers(fastapi_app)
+        self._labels_at_train = len(self.datastore().get_labeled_images())  # for auto_train_after
+
+        def put_feedback(image: str, feedback: dict = Body(...)):
+            """Structured feedback for one image (rejected concepts, boxes, corrected class, pruned prototypes)."""
+            ds = self.datastore()
+            if not hasattr(ds, "save_feedback"):
+                raise HTTPException(501, f"{type(ds).__name__} does not store feedback")
+            return {"image": image, "feedback": ds.save_feedback(image, feedback)}
+
+        if not any(getattr(r, "path", None) == "/feedback" for r in fastapi_app.routes):
+            fastapi_app.add_api_route("/feedback", put_feedback, methods=["PUT"], summary="Save clinician feedback")

@@ -69,14 +69,134 @@ def check_label(image_uri, label_filename) -> np.ndarray:
 
 
 class CheckedLocalDatastore(LocalDatastore):
-    """`save_label` checks the image exists and the upload is an image of the image's shape."""
+    """A local datastore that checks what it is given and loses nothing.
+
+    - `save_label` checks the image exists and the upload is an image of the image's shape.
+    - A `final` label's segment names are mapped onto the vocabulary (`map_segments`) and the
+      mapping is kept in the label info; unknown names are kept and reported, never dropped.
+    - Feedback in the save params (`{"feedback": {...}}`) is validated by `feedback_check`
+      before anything is written (4xx otherwise) and merged into the image info.
+    - Every write reloads the index under the lock first: the training and scoring subprocesses
+      write the same `datastore_v2.json`, and a write from a stale copy would drop the labels
+      and info saved meanwhile.
+    """
+
+    def __init__(self, *args, vocabulary=(), feedback_check=None, **kw):
+        self.vocabulary = tuple(vocabulary)
+        self.feedback_check = feedback_check  # (image_id, image_uri, payload) -> normalised feedback
+        super().__init__(*args, **kw)
+
+    def _reload_locked(self) -> None:
+        """Re-read the index if another process wrote it (call with the lock held)."""
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        path = self._datastore_config_path
+        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+            with open(path) as fp:
+                self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = os.stat(path).st_mtime
+
+    def _locked(self, mutate):
+        from filelock import FileLock
+
+        with FileLock(self._lock_file):
+            self._reload_locked()
+            out = mutate()
+            self._update_datastore_file(lock=False)
+        return out
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
+        import shutil
+        import time
+
+        from monailabel.datastore.local import DataModel
+
         uri = self.get_image_uri(image_id)
         if not uri or not os.path.exists(uri):
             raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
         check_label(uri, label_filename)
-        return super().save_label(image_id, label_filename, label_tag, label_info)
+        info = dict(label_info or {})
+        feedback = info.pop("feedback", None)
+        if feedback is not None:
+            if self.feedback_check is None:
+                raise HTTPException(status_code=422, detail="this datastore takes no feedback")
+            try:
+                feedback = self.feedback_check(image_id, uri, feedback)
+            except RequestError as e:
+                raise HTTPException(status_code=422, detail=str(e)) from e
+        tag = str(getattr(label_tag, "value", label_tag))
+        if tag == DefaultLabelTag.FINAL.value:
+            from clinlens.activelearning.feedback import SEGMENTS_KEY, map_segments
+
+            info[SEGMENTS_KEY] = map_segments(_segment_names(info), self.vocabulary)
+            if info[SEGMENTS_KEY]["unknown"]:
+                logger.warning(f"{image_id}: segment name(s) {info[SEGMENTS_KEY]['unknown']} match no finding or "
+                               "concept; kept under their own names")
+        _, ext = self._to_id(os.path.basename(label_filename))
+        name = self._filename(image_id, ext)
+        dest = os.path.join(self._datastore.label_path(tag), name)
+
+        def write():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = dest + ".part"
+            shutil.copy(label_filename, tmp)
+            os.replace(tmp, dest)
+            info.update(ts=int(time.time()), name=name)
+            obj.labels[tag] = DataModel(info=info, ext=ext)
+            if feedback:
+                self._merge_feedback(obj, feedback)
+
+        self._locked(write)
+        logger.info(f"saved {tag} label for {image_id}")
+        return image_id
+
+    @staticmethod
+    def _merge_feedback(obj, feedback: dict) -> None:
+        from clinlens.activelearning.feedback import FEEDBACK_KEY, merge_feedback
+
+        obj.image.info[FEEDBACK_KEY] = merge_feedback(obj.image.info.get(FEEDBACK_KEY), feedback)
+
+    def save_feedback(self, image_id: str, payload) -> dict:
+        """Validate and merge feedback into the image info; returns the stored feedback (4xx on bad input)."""
+        from clinlens.activelearning.feedback import FEEDBACK_KEY
+
+        uri = self.get_image_uri(image_id)
+        if not uri or not os.path.exists(uri):
+            raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+        try:
+            feedback = self.feedback_check(image_id, uri, payload)
+        except RequestError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+
+        def write():
+            obj = self._datastore.objects[image_id]
+            self._merge_feedback(obj, feedback)
+            return dict(obj.image.info[FEEDBACK_KEY])
+
+        return self._locked(write)
+
+    def update_image_info(self, image_id, info):
+        def write():
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise HTTPException(status_code=404, detail=f"image '{image_id}' is not in the datastore")
+            obj.image.info.update(info)
+
+        self._locked(write)
+
+    def update_label_info(self, label_id, label_tag, info):
+        def write():
+            obj = self._datastore.objects.get(label_id)
+            tag = str(getattr(label_tag, "value", label_tag))
+            if not obj or tag not in obj.labels:
+                raise HTTPException(status_code=404, detail=f"no '{tag}' label for '{label_id}'")
+            obj.labels[tag].info.update(info)
+
+        self._locked(write)
 
 
 def _segment_names(label_info: dict) -> dict[int, str]:

@@ -3,8 +3,12 @@
 What it learns from, per datastore image:
 - concept labels and the class from the image info (`concepts`: {name: 0/1}, `diagnosis`), where
   the active-learning loop and the viewers' feedback store them;
-- `final` label segments named after a concept (a Slicer segment named "pigment network"): the
-  concept is present and the drawn region is its local concept vector (stage 2, directly).
+- `final` label segments named after a concept (a Slicer segment named "pigment network", or any
+  name `canonical_name` maps onto it): the concept is present and the drawn region is its local
+  concept vector (stage 2, directly);
+- the stored clinician feedback (`clinlens.activelearning.feedback`): rejected concepts are
+  negatives (they win over a drawn region), a corrected class replaces the diagnosis, and pruned
+  prototypes are removed at every retraining.
 Each image family present is trained (continuing from its current model; with images that carry a
 class, its ClinCoCoOp prompt learner too) and published atomically to `model_dir`, which inference reloads. `prune` ({family: [prototype ids]}) removes prototypes and
 refits the task head: the train-time atlas pruning.
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clinlens.activelearning.feedback import FEEDBACK_KEY, canonical_name, pruned_by_family
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import family_of
 from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, train_csr
@@ -40,14 +45,36 @@ def datastore_items(datastore, fallback_labels: dict) -> dict[str, list]:
         drawn = {}
         if i in labelled:
             lab = np.squeeze(load_image(datastore.get_label_uri(i, "final")).array)
-            for name, idx in label_names(datastore.get_label_info(i, "final"), fallback_labels).items():
-                if name in vocab and (lab == idx).any():
+            for seg, idx in label_names(datastore.get_label_info(i, "final"), fallback_labels).items():
+                name = canonical_name(seg, vocab)
+                if name is not None and (lab == idx).any():
                     drawn[name] = lab == idx
                     concepts[name] = 1
-        dx = info.get("diagnosis")
+        fb = info.get(FEEDBACK_KEY) or {}
+        for name in fb.get("reject_concepts", []):
+            if name in vocab:
+                concepts[name] = 0
+                drawn.pop(name, None)
+        dx = fb.get("corrected_class") or info.get("diagnosis")
         if concepts or drawn or dx:
             out[fam].append((i, to_unit_rgb(im.array), concepts, dx, drawn))
     return dict(out)
+
+
+def stored_pruning(datastore, csr) -> dict[str, list[int]]:
+    """Prototype ids pruned in the stored feedback that the current model of each family still has."""
+    fams = []
+    for i in datastore.list_images():
+        info = datastore.get_image_info(i) or {}
+        if (info.get(FEEDBACK_KEY) or {}).get("pruned_prototypes"):
+            fams.append((family_of(load_image(datastore.get_image_uri(i))), info))
+    out = {}
+    for fam, ids in pruned_by_family(fams).items():
+        path = csr.path(fam)
+        have = set(csr.get(fam).proto_ids.tolist()) if path.is_file() else set()
+        if set(ids) & have:
+            out[fam] = sorted(set(ids) & have)
+    return out
 
 
 class ConceptsTrain(StatsTrainTask):
@@ -63,8 +90,10 @@ class ConceptsTrain(StatsTrainTask):
 
     def __call__(self, request, datastore):
         conf = self.options(request)
-        prune = conf["prune"] if isinstance(conf["prune"], dict) else {}
+        prune = {f: [int(i) for i in ids] for f, ids in (conf["prune"] if isinstance(conf["prune"], dict) else {}).items()}
         per_family = datastore_items(datastore, self.labels)
+        for fam, ids in stored_pruning(datastore, self.csr).items():  # feedback: pruned prototypes stay pruned
+            prune[fam] = sorted(set(prune.get(fam, [])) | set(ids))
         if not per_family and not prune:
             raise ValueError("nothing to learn from: no image has concept labels, a diagnosis or a concept-named segment")
         bundle = self.csr.clip.get()
@@ -78,7 +107,7 @@ class ConceptsTrain(StatsTrainTask):
             summaries[fam] = train_csr(bundle, items, csr_file(self.csr.model_dir, fam), concepts, classes,
                                        steps=int(conf["steps"]), batch=int(conf["batch"]), lr=float(conf["lr"]),
                                        init=init if init.is_file() else None,
-                                       prune=[int(p) for p in prune.get(fam, [])],
+                                       prune=prune.get(fam, []),
                                        extra={"source": "datastore", "family": fam})
             if self.prompts is not None and any(it[3] in classes for it in items):
                 pinit = self.prompts.path(fam)
