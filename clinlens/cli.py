@@ -1,4 +1,4 @@
-"""The `clinlens` command: serve, demo, make-data, train-default."""
+"""The `clinlens` command: serve, demo, make-data, train-default, train-negation, batch, prune-prototypes."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,16 @@ def cmd_prune(a) -> int:
     return 0
 
 
+def cmd_train_negation(a) -> int:
+    """CoN-CLIP (or CON1) fine-tuning of the text tower; the served app picks up `--out` by itself."""
+    from clinlens.models.clip import resolve_clip_dir
+    from clinlens.trainers.negation import train_negation
+
+    base = Path(a.clip) if a.clip else resolve_clip_dir()
+    train_negation(base, Path(a.out), loss=a.loss, steps=a.steps, n_images=a.n_images, seed=a.seed, device=a.device)
+    return 0
+
+
 def banner(host: str, port: int, studies: str) -> str:
     url = f"http://{host}:{port}"
     return f"""
@@ -117,7 +127,8 @@ def cmd_serve(a) -> int:
     cmd = server_command(a.studies if "://" in a.studies else os.path.abspath(a.studies), a.host, a.port,
                          _conf_pairs(a.conf))
     print(banner(a.host, a.port, a.studies), flush=True)
-    env = server_env()
+    # active-learning scores refresh in the background after start-up, training and each next sample
+    env = server_env({"MONAI_LABEL_AUTO_UPDATE_SCORING": os.environ.get("MONAI_LABEL_AUTO_UPDATE_SCORING", "true")})
     os.execvpe(cmd[0], cmd, env)
     return 0
 
@@ -179,6 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-concepts", action="store_true", help="do not train the concept (CSR) models and prompt learners")
     t.add_argument("--concepts-only", action="store_true", help="train only the concept (CSR) models and prompt learners")
     t.set_defaults(fn=cmd_train_default)
+
+    from clinlens.trainers.negation import DEFAULTS as NEG, LOSSES
+
+    ng = sub.add_parser("train-negation", help="fine-tune the CLIP text encoder on negated captions and distractor "
+                                               "images (CoN-CLIP loss, image encoder frozen)")
+    ng.add_argument("--loss", choices=LOSSES, default=NEG["loss"], help="con2 = CoN-CLIP, con1 = plain contrastive")
+    ng.add_argument("--clip", default=None, help="base CLIP directory (default: the configured/embedded one)")
+    ng.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "monailabel_app" / "model" / "clip_negation"),
+                    help="where the tuned CLIP is published (default: the app's model dir, where the server loads "
+                         "its text tower from)")
+    ng.add_argument("--steps", type=int, default=NEG["steps"])
+    ng.add_argument("--n-images", type=int, default=NEG["n_images"])
+    ng.add_argument("--seed", type=int, default=NEG["seed"])
+    ng.add_argument("--device", default=None)
+    ng.set_defaults(fn=cmd_train_negation)
+
+    from clinlens.batch.cli import add_parser as add_batch
+
+    add_batch(sub)
 
     pr = sub.add_parser("prune-prototypes", help="remove CSR prototypes by id and refit the task head (atlas pruning)")
     pr.add_argument("--family", required=True, choices=["derm", "chest", "ct"])

@@ -105,6 +105,18 @@ class Server:
 SLICER_BOUNDARY = "----------lImIt_of_THE_fIle_eW_$"
 
 
+def wait_task(url: str, kind: str = "train", timeout: float = 600, poll: float = 1.0) -> dict:
+    """Poll MONAI Label's background task status (`GET <url>/<kind>/`: train, scoring, batch/infer)
+    until it is DONE or ERROR; TimeoutError otherwise."""
+    deadline, st = time.time() + timeout, {}
+    while time.time() < deadline:
+        st = requests.get(f"{url}/{kind}/").json() or {}
+        if st.get("status") in ("DONE", "ERROR"):
+            return st
+        time.sleep(poll)
+    raise TimeoutError(f"{kind} task not finished after {timeout:.0f}s: {st}")
+
+
 def slicer_post(url: str, params: dict) -> requests.Response:
     """Multipart exactly as Slicer's MONAILabel client sends it: its boundary and a `params` field."""
     import json

@@ -17,6 +17,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 import clinlens
 from clinlens.activelearning.feedback import FEEDBACK_KEY, SEGMENTS_KEY, feedback_checker
+from clinlens.activelearning.strategies import scoring_methods, strategies
 from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES
 from clinlens.data.studies import LABELS
 from clinlens.infer.batch import ClinlensBatchInfer
@@ -28,20 +29,23 @@ from clinlens.infer.region import LazyRegion, RegionSeg3DInfer, RegionSegInfer, 
 from clinlens.infer.zeroshot import ZeroShotInfer
 from clinlens.models.clip import LazyClip
 from clinlens.trainers.concepts_task import ConceptsTrain, PromptLearnerTrain
+from clinlens.trainers.negation_task import NegationTrain
 from clinlens.trainers.region_task import RegionSegTrain
 
 logger = logging.getLogger(__name__)
 
 # what each kind of image is scored against ("what is here", zero-shot, text_seg's option box)
 VOCAB = {"chest": CHEST_FINDINGS, "derm": DERM_CONCEPTS + DERM_DIAGNOSES, "ct": CT_FINDINGS}
+NEGATION_DIR = "clip_negation"
 # every finding and concept a saved segment name can map onto
 NAMES = tuple(dict.fromkeys([*LABELS, *(n for names in VOCAB.values() for n in names)]))
 
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        self.clip = LazyClip(conf)
         self.model_dir = os.path.realpath(conf.get("model_dir") or os.path.join(app_dir, "model"))
+        self.negation_dir = os.path.join(self.model_dir, NEGATION_DIR)  # the `negation` task's text-tuned CLIP
+        self.clip = LazyClip(conf, text_dir=self.negation_dir)
         self.region = LazyRegion(self.clip, os.path.join(self.model_dir, "region.safetensors"))
         self.csr = LazyCSR(self.clip, self.model_dir)
         self.prompts = LazyPromptLearner(self.clip, self.model_dir)
@@ -89,13 +93,20 @@ class MyApp(MONAILabelApp):
             "explain": ExplainInfer(self.clip, list(dict.fromkeys(n for names in VOCAB.values() for n in names))),
         }
 
+    def init_strategies(self):
+        return strategies()
+
+    def init_scoring_methods(self):
+        return scoring_methods(self.region, self.csr, self.clip)
+
     def init_batch_infer(self):
         return ClinlensBatchInfer()
 
     def init_trainers(self):
         return {"region_seg": RegionSegTrain(self.clip, self.region.publish_path, dict(LABELS)),
                 "concepts": ConceptsTrain(self.csr, dict(LABELS), self.prompts),
-                "prompt_learner": PromptLearnerTrain(self.prompts, dict(LABELS))}
+                "prompt_learner": PromptLearnerTrain(self.prompts, dict(LABELS)),
+                "negation": NegationTrain(self.clip, self.negation_dir)}
 
     def infer(self, request, datastore=None):
         model = request.get("model")
@@ -120,7 +131,8 @@ class MyApp(MONAILabelApp):
 
     def on_save_label(self, image_id, label_id):
         """Save Label's answer: how the segment names mapped, the image's stored feedback, and
-        whether `auto_train_after` new final labels started training."""
+        whether `auto_train_after` new final labels started training (`auto_train_models`, a comma
+        list; default all train tasks)."""
         super().on_save_label(image_id, label_id)
         ds = self.datastore()
         seg = (ds.get_label_info(image_id, "final") or {}).get(SEGMENTS_KEY) or {}
@@ -131,7 +143,10 @@ class MyApp(MONAILabelApp):
             n = len(ds.get_labeled_images())
             if n - self._labels_at_train >= every:
                 self._labels_at_train = n
-                res["auto_train"] = sorted(self.async_training(list(self._trainers), enqueue=True))
+                models = [m.strip() for m in str(self.conf.get("auto_train_models", "")).split(",") if m.strip()]
+                models = [m for m in models if m in self._trainers] or list(self._trainers)
+                self.async_training(models, enqueue=True)
+                res["auto_train"] = models
         return res
 
     def on_init_complete(self):

@@ -5,7 +5,6 @@ measured over HTTP, `POST /train/region_seg` runs MONAI Label's training subproc
 published model is hot-reloaded, and the same clicks must now segment clearly better.
 """
 import json
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import requests
 import SimpleITK as sitk
 
 from clinlens.models.clip import load_clip
-from clinlens.server import read_multipart
+from clinlens.server import read_multipart, wait_task
 from clinlens.models.region_clip import RegionCLIP
 
 
@@ -67,13 +66,8 @@ def test_training_from_saved_labels_improves_dice_and_hot_reloads(fresh_server):
     mtime = (fresh_server.model_dir / "region.safetensors").stat().st_mtime
     r = requests.post(f"{fresh_server.url}/train/region_seg", json={"steps": 150, "batch": 8, "lr": 3e-3, "device": "cpu"})
     assert r.status_code == 200, r.text
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        st = requests.get(f"{fresh_server.url}/train/").json()
-        if st.get("status") in ("DONE", "ERROR"):
-            break
-        time.sleep(2)
-    assert st.get("status") == "DONE", st
+    st = wait_task(fresh_server.url)
+    assert st["status"] == "DONE", st
     assert (fresh_server.model_dir / "region.safetensors").stat().st_mtime > mtime  # republished
     stats = requests.get(f"{fresh_server.url}/info/").json()["train_stats"]["region_seg"]
     assert stats["status"] == "DONE" and stats["objects"] >= n

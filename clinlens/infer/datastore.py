@@ -76,9 +76,9 @@ class CheckedLocalDatastore(LocalDatastore):
       mapping is kept in the label info; unknown names are kept and reported, never dropped.
     - Feedback in the save params (`{"feedback": {...}}`) is validated by `feedback_check`
       before anything is written (4xx otherwise) and merged into the image info.
-    - Every write reloads the index under the lock first: the training and scoring subprocesses
-      write the same `datastore_v2.json`, and a write from a stale copy would drop the labels
-      and info saved meanwhile.
+    - The training and scoring subprocesses write the same `datastore_v2.json`. Reads see their
+      writes (the index is re-read when its file changed), and every write re-reads it under the
+      lock first: a write from a stale copy would drop the labels and info saved meanwhile.
     """
 
     def __init__(self, *args, vocabulary=(), feedback_check=None, **kw):
@@ -86,24 +86,44 @@ class CheckedLocalDatastore(LocalDatastore):
         self.feedback_check = feedback_check  # (image_id, image_uri, payload) -> normalised feedback
         super().__init__(*args, **kw)
 
-    def _reload_locked(self) -> None:
-        """Re-read the index if another process wrote it (call with the lock held)."""
+    # The index as the other processes left it: re-read whenever the file changed (one stat per access).
+    @property
+    def _datastore(self):
+        if "_ds" in self.__dict__ and not self.__dict__.get("_writing"):
+            self._refresh_from_file()
+        return self.__dict__["_ds"]
+
+    @_datastore.setter
+    def _datastore(self, value):
+        self.__dict__["_ds"] = value
+
+    def _refresh_from_file(self) -> None:
         from monailabel.datastore.local import LocalDatastoreModel
 
         path = self._datastore_config_path
-        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+        try:
+            ts = os.stat(path).st_mtime
+            if ts == self._config_ts:
+                return
             with open(path) as fp:
-                self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
-            self._datastore.base_path = self._datastore_path
-            self._config_ts = os.stat(path).st_mtime
+                ds = LocalDatastoreModel.model_validate_json(fp.read())
+        except (OSError, ValueError):  # gone, or caught mid-write by another process: keep what we have
+            return
+        ds.base_path = self._datastore_path
+        self.__dict__["_ds"] = ds
+        self._config_ts = ts
 
     def _locked(self, mutate):
         from filelock import FileLock
 
         with FileLock(self._lock_file):
-            self._reload_locked()
-            out = mutate()
-            self._update_datastore_file(lock=False)
+            self._refresh_from_file()
+            self.__dict__["_writing"] = True
+            try:
+                out = mutate()
+                self._update_datastore_file(lock=False)
+            finally:
+                self.__dict__["_writing"] = False
         return out
 
     def save_label(self, image_id, label_filename, label_tag, label_info):

@@ -141,29 +141,60 @@ def load_clip(path: str | Path | None = None, device: str | torch.device | None 
     return ClipBundle(model=model, tokenizer=tokenizer, preprocess=pre, path=path, device=device, mtime=mtime)
 
 
+TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale")
+
+
+def load_text_tower(bundle: ClipBundle, tuned_dir: str | Path) -> None:
+    """Replace the text tower (and logit scale) of `bundle` with those of the CLIP at `tuned_dir`, a
+    text-only fine-tune of the same model (`clinlens train-negation`); the image tower stays."""
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(str(Path(tuned_dir) / "model.safetensors")).items() if k.startswith(TEXT_KEYS)}
+    own = bundle.model.state_dict()
+    bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if not state or bad:
+        raise ValueError(f"{tuned_dir} is not a text fine-tune of {bundle.path} (mismatched: {bad[:3] or 'no text weights'})")
+    bundle.model.load_state_dict(state, strict=False)
+    bundle._text_cache.clear()
+
+
 class LazyClip:
     """Loads the configured CLIP on first use and reloads it when its weights file changes.
 
-    The MONAI Label training subprocess rebuilds the app, so nothing may load at construction.
+    `text_dir`: where the `negation` train task publishes a text-tuned copy of this CLIP; when it
+    has weights, its text tower replaces the configured one (the image tower, and every model
+    trained on it, stay). The MONAI Label training subprocess rebuilds the app, so nothing may load
+    at construction.
     """
 
-    def __init__(self, conf: dict | None = None, device: str | None = None):
+    def __init__(self, conf: dict | None = None, device: str | None = None, text_dir: str | Path | None = None):
         self.conf = dict(conf or {})
         self.device = device
+        self.text_dir = Path(text_dir) if text_dir else None
         self._bundle: ClipBundle | None = None
+        self._stamp = None
         self.listeners: list = []  # callables run after a (re)load, e.g. to drop caches
 
     @property
     def path(self) -> Path:
         return resolve_clip_dir(self.conf)
 
+    def _tuned(self) -> Path | None:
+        if self.text_dir is not None and (self.text_dir / "model.safetensors").is_file():
+            return self.text_dir
+        return None
+
     def get(self) -> ClipBundle:
         path = self.path
         weights = path / "model.safetensors"
-        mtime = weights.stat().st_mtime if weights.exists() else 0.0
-        b = self._bundle
-        if b is None or b.path != path or b.mtime != mtime:
-            self._bundle = load_clip(path, device=self.device)
+        tuned = self._tuned()
+        stamp = (str(path), weights.stat().st_mtime if weights.exists() else 0.0,
+                 (tuned / "model.safetensors").stat().st_mtime if tuned else None)
+        if self._bundle is None or stamp != self._stamp:
+            bundle = load_clip(path, device=self.device)
+            if tuned is not None:
+                load_text_tower(bundle, tuned)
+            self._bundle, self._stamp = bundle, stamp
             for fn in self.listeners:
                 fn(self._bundle)
         return self._bundle

@@ -91,22 +91,14 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
-              lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
-              extra: dict | None = None, **cfg) -> dict:
-    """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`."""
+def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr: float, seed: int = 0, prune=(),
+            progress: bool = False) -> tuple[list[dict], float | None]:
+    """Stages 1-3 by gradient on cached features (Adam, cosine schedule; class labels -1 = unknown),
+    then any pruning, then stage 4 (the task head) refitted to convergence. Returns (loss history,
+    refit accuracy or None when no image has a class)."""
     from tqdm.auto import tqdm
 
-    t0 = time.time()
-    torch.manual_seed(seed)
-    if not items:
-        raise ValueError("no training items")
-    model = (CSRModel.load(bundle, init) if init else CSRModel.from_bundle(bundle, concepts, classes, **cfg))
     model.train()
-    feats, y, cls, regions = _tensors(bundle, model, items)
-    drawn = int((regions.flatten(2).amax(-1) > 0).sum())
-    log(f"CSR: {len(items)} images, {len(model.concepts)} concepts, {len(model.classes)} classes, "
-        f"{drawn} drawn regions, features {time.time() - t0:.1f}s")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
@@ -114,7 +106,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     hist = []
     bar = tqdm(range(steps), desc="train-concepts", disable=not progress, mininterval=5)
     for _ in bar:
-        idx = torch.randint(len(items), (min(batch, len(items)),), generator=g)
+        idx = torch.randint(len(feats), (min(batch, len(feats)),), generator=g)
         c = cls[idx]
         r = regions[idx]
         out = model.losses(y[idx], c if (c >= 0).all() else None, features=feats[idx],
@@ -135,6 +127,26 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     refit_acc = None
     if labelled.any():  # stage 4 to convergence on the final prototype scores (after any pruning)
         refit_acc = model.refit_task_head(scores[labelled], cls[labelled])
+    return hist, refit_acc
+
+
+def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
+              lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
+              extra: dict | None = None, **cfg) -> dict:
+    """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`."""
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if not items:
+        raise ValueError("no training items")
+    model = (CSRModel.load(bundle, init) if init else CSRModel.from_bundle(bundle, concepts, classes, **cfg))
+    model.train()
+    feats, y, cls, regions = _tensors(bundle, model, items)
+    drawn = int((regions.flatten(2).amax(-1) > 0).sum())
+    log(f"CSR: {len(items)} images, {len(model.concepts)} concepts, {len(model.classes)} classes, "
+        f"{drawn} drawn regions, features {time.time() - t0:.1f}s")
+    hist, refit_acc = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress)
+    labelled = cls >= 0
     with torch.no_grad():
         out = model(features=feats.to(model.device))
         acc = float((out["logits"].argmax(-1).cpu()[labelled] == cls[labelled]).float().mean()) if labelled.any() else None

@@ -1,0 +1,108 @@
+"""The active-learning loop over a real MONAI Label server: background scoring, strategies, next
+sample, infer, Save Label with feedback, automatic background training, hot reload, and an infer
+that moved towards the saved label."""
+import json
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+
+from clinlens.server import read_multipart, slicer_post, wait_task
+
+STRATEGIES = ("random", "uncertainty", "ambiguity", "diversity", "hybrid")
+SCORING = ("concept_ambiguity", "diversity", "region_uncertainty")
+
+
+@pytest.fixture(scope="module")
+def al_server(tmp_path_factory):
+    from clinlens.data.studies import make_studies
+    from clinlens.server import Server
+
+    root = tmp_path_factory.mktemp("al_studies")
+    make_studies(root, n_chest=0, n_derm=8, n_ct=0, labelled_fraction=0.25, seed=21, progress=False)
+    work = tmp_path_factory.mktemp("al_server")
+    conf = {"model_dir": work / "model", "auto_train_after": 1, "auto_train_models": "concepts"}
+    with Server(root, log_path=work / "server.log", conf=conf) as s:
+        s.tmp, s.studies, s.model_dir = work, root, work / "model"
+        yield s
+    print(f"server log: {work / 'server.log'}")
+
+
+def _objects(server):
+    return requests.get(f"{server.url}/datastore/?output=all").json()["objects"]
+
+
+def _concepts(server, image) -> dict:
+    r = slicer_post(f"{server.url}/infer/concepts?image={image}", {})
+    assert r.status_code == 200, r.text
+    res = json.loads(read_multipart(r)["params"].content)
+    return {c["class"]: c["probability"] for c in res["classes"]}
+
+
+def test_info_lists_strategies_and_scoring(al_server):
+    info = requests.get(al_server.url + "/info/").json()
+    assert set(STRATEGIES) <= set(info["strategies"]) and set(SCORING) <= set(info["scoring"])
+    assert "config" not in info  # monailabel.md: no top-level config in /info
+
+
+def test_the_active_learning_loop(al_server):
+    srv = al_server
+    labelled = {i for i, o in _objects(srv).items() if "final" in o["labels"]}
+    # the labelled images carry their class, as a radiologist's earlier work would
+    for i in labelled:
+        dx = json.loads((srv.studies / "clinlens" / f"{i}.json").read_text())["diagnosis"]
+        assert requests.put(f"{srv.url}/datastore/image/info", params={"image": i},
+                            data={"info": json.dumps({"diagnosis": dx})}).status_code == 200
+
+    # 1. scoring in the background (MONAI Label's subprocess), values land in the image info
+    for m in SCORING:
+        assert requests.post(f"{srv.url}/scoring/{m}").status_code == 200
+        assert wait_task(srv.url, "scoring")["status"] == "DONE", m
+    objects = _objects(srv)
+    unl = sorted(set(objects) - labelled)
+    infos = {i: objects[i]["image"]["info"] for i in objects}
+    for i in unl:
+        assert 0 <= infos[i]["concept_margin"] <= 1 and 0 <= infos[i]["region_uncertainty"] <= 1
+        assert len(infos[i]["clip_embedding"]) > 8
+    assert all("concept_margin" not in infos[i] for i in labelled)  # only unlabelled images are scored
+
+    # 2. strategies pick unlabelled images by their stored scores
+    picks = {}
+    for s in STRATEGIES:
+        r = requests.post(f"{srv.url}/activelearning/{s}", json={})
+        assert r.status_code == 200, r.text
+        picks[s] = r.json()["id"]
+        assert picks[s] in unl, (s, picks[s])
+    assert picks["ambiguity"] == min(unl, key=lambda i: infos[i]["concept_margin"])
+    assert picks["uncertainty"] == max(unl, key=lambda i: infos[i]["region_uncertainty"])
+
+    # 3. infer on the next sample, 4. save a final label with a corrected class
+    image = picks["ambiguity"]
+    before = _concepts(srv, image)
+    target = min(before, key=before.get)  # the clinician corrects to the class the model finds least likely
+    r = requests.get(f"{srv.url}/datastore/image", params={"image": image})
+    (srv.tmp / "img.png").write_bytes(r.content)
+    h, w = sitk.GetArrayFromImage(sitk.ReadImage(str(srv.tmp / "img.png"))).shape[:2]
+    lab = np.zeros((h, w), np.uint8)
+    lab[h // 3:2 * h // 3, w // 3:2 * w // 3] = 10
+    sitk.WriteImage(sitk.GetImageFromArray(lab), str(srv.tmp / "lab.png"))
+    mtime0 = {p.name: p.stat().st_mtime for p in srv.model_dir.glob("csr_*.safetensors")}
+    r = requests.put(f"{srv.url}/datastore/label", params={"image": image, "tag": "final"},
+                     files={"label": ("lab.png", (srv.tmp / "lab.png").read_bytes()),
+                            "params": (None, json.dumps({"label_info": [{"name": "Pigment Network", "idx": 10}],
+                                                         "feedback": {"corrected_class": target}}))})
+    assert r.status_code == 200, r.text
+    assert r.json()["auto_train"] == ["concepts"]  # auto_train_after 1: the save started training
+
+    # 5. the background training reaches DONE and says so in /info train_stats
+    st = wait_task(srv.url)
+    assert st["status"] == "DONE", st
+    stats = requests.get(srv.url + "/info/").json()["train_stats"]["concepts"]
+    assert stats["status"] == "DONE" and "derm" in stats["families"]
+
+    # 6. the published model is reloaded and infer moved towards the saved label
+    derm = srv.model_dir / "csr_derm.safetensors"
+    assert derm.is_file() and derm.stat().st_mtime > mtime0.get(derm.name, 0)
+    after = _concepts(srv, image)
+    assert after[target] > before[target] + 0.05, (target, before, after)
