@@ -167,3 +167,17 @@ def test_speed():
     P.make_ct(1)
     ct = time.perf_counter() - t
     assert chest < 0.15 and ct < 1.5, (chest, ct)     # targets 50 ms / 0.5 s, slack for busy CI
+
+
+def test_derm_shortcut_marker_changes_only_its_box():
+    from clinlens.data.phantoms import make_derm
+
+    for seed in (3, 4):
+        plain, marked = make_derm(seed, 224), make_derm(seed, 224, shortcut=True)
+        x0, y0, x1, y1 = marked.meta["shortcut_box"]
+        diff = np.any(plain.image != marked.image, axis=-1)
+        assert diff[y0:y1, x0:x1].any()
+        outside = diff.copy()
+        outside[y0:y1, x0:x1] = False
+        assert not outside.any() and not plain.meta["shortcut"] and marked.meta["shortcut"]
+        assert not any((m & marked.anatomy["marker"]).any() for m in marked.masks.values())

@@ -192,6 +192,24 @@ def chest_diagnosis(findings) -> str:
     return "normal"
 
 
+def _tag_slot(rng, text: str, cell: int, keep_out: np.ndarray):
+    """A corner slot clear of `keep_out` for a glyph tag of `text` (or its first letter when it does
+    not fit): (text drawn, tag as float32 0/1 with a one-cell margin, slices)."""
+    S = keep_out.shape[0]
+    corners = rng.permutation(4)
+    dy0, dx0 = (int(rng.integers(2, max(3, int(0.04 * S)))) for _ in range(2))
+    for txt in (text, text[0]):
+        tag = np.pad(_glyphs(txt, cell).astype(np.float32), cell)
+        h, w = tag.shape
+        for c in corners:
+            y0 = dy0 if c < 2 else S - dy0 - h
+            x0 = dx0 if c % 2 == 0 else S - dx0 - w
+            sl = (slice(y0, y0 + h), slice(x0, x0 + w))
+            if not keep_out[sl].any():
+                return txt, tag, sl
+    raise RuntimeError("no room for the shortcut tag")
+
+
 def make_chest(seed: int, size: int = 256, findings: list[str] | None = None, shortcut: bool | None = None,
                shortcut_corr: float = 0.0) -> Sample:
     """Chest X-ray-like radiograph (PA view, image left = patient right)."""
@@ -354,24 +372,7 @@ def make_chest(seed: int, size: int = 256, findings: list[str] | None = None, sh
         keep_out = lungs | heart
         for m in masks.values():
             keep_out |= m
-        corners = rng.permutation(4)
-        dy0, dx0 = (int(rng.integers(2, max(3, int(0.04 * S)))) for _ in range(2))
-        for txt in (text, text[0]):                 # fall back to one letter if the tag does not fit
-            g = _glyphs(txt, cell)
-            tag = np.pad(g.astype(np.float32), cell)
-            h, w = tag.shape
-            for c in corners:
-                y0 = dy0 if c < 2 else S - dy0 - h
-                x0 = dx0 if c % 2 == 0 else S - dx0 - w
-                sl = (slice(y0, y0 + h), slice(x0, x0 + w))
-                if not keep_out[sl].any():
-                    break
-            else:
-                continue
-            break
-        else:
-            raise RuntimeError("no room for the shortcut tag")
-        text = txt
+        text, tag, sl = _tag_slot(rng, text, cell, keep_out)
         img[sl] = 0.06 + 0.9 * tag
         marker = np.zeros((S, S), bool)
         marker[sl] = True
@@ -446,8 +447,14 @@ def _chest_report(rng, findings, info, sp):
 
 
 # ----------------------------------------------------------------------------- derm
-def make_derm(seed: int, size: int = 256, diagnosis: str | None = None) -> Sample:
-    """Dermoscopy-like RGB image of a pigmented skin lesion."""
+def make_derm(seed: int, size: int = 256, diagnosis: str | None = None, shortcut: bool | None = None) -> Sample:
+    """Dermoscopy-like RGB image of a pigmented skin lesion.
+
+    ``shortcut=True`` stamps a text-label marker (dark glyphs on a pale sticker) in a corner clear of the
+    lesion and its concept masks, after everything else is drawn and from its own random stream: the image
+    is the default one except inside ``meta["shortcut_box"]`` (``anatomy["marker"]``). The default
+    (``None``/``False``) draws no marker and consumes no random numbers for it.
+    """
     rng = np.random.default_rng(seed)
     S = int(size)
     if diagnosis is None:
@@ -581,6 +588,11 @@ def make_derm(seed: int, size: int = 256, diagnosis: str | None = None) -> Sampl
         img *= (1 - 0.7 * np.clip(hair * 2, 0, 1))[..., None]
     img = ndi.gaussian_filter(img, (0.7 * sc, 0.7 * sc, 0)) + rng.normal(0, 3, img.shape)
     img = np.clip(img, 0, 255).astype(np.uint8)
+    meta, anatomy = {"seed": seed, "shortcut": False}, {}
+    if shortcut:
+        img, marker, text = _derm_marker(seed, img, masks)
+        anatomy["marker"] = marker
+        meta.update(shortcut=True, shortcut_text=text, shortcut_box=mask_box(marker))
 
     for k in list(masks):
         if not masks[k].any():   # a concept too small to survive: drop it consistently
@@ -591,7 +603,29 @@ def make_derm(seed: int, size: int = 256, diagnosis: str | None = None) -> Sampl
     report = _derm_report(rng, present, diagnosis)
     sp = float(rng.uniform(18, 24) / S)
     return Sample("derm", img, masks, {k: mask_box(v) for k, v in masks.items()}, concepts, diagnosis, report,
-                  {}, (sp, sp), {"seed": seed, "shortcut": False})
+                  anatomy, (sp, sp), meta)
+
+
+def _derm_marker(seed: int, img: np.ndarray, masks: dict):
+    """Stamp a text label in a corner clear of the (dilated) lesion masks; own random stream."""
+    rng = np.random.default_rng([int(seed), 0x5C])
+    S = img.shape[0]
+    keep_out = np.zeros((S, S), bool)
+    for m in masks.values():
+        keep_out |= m
+    keep_out = ndi.binary_dilation(keep_out, iterations=max(1, S // 64))
+    text = ["SITE", "PT", "TOP", "L", "R"][rng.integers(5)]
+    cell = max(2, int(round(S / 110)))
+    txt, tag, sl = _tag_slot(rng, text, cell, keep_out)
+    h, w = tag.shape
+    paper = np.array([244, 242, 236], np.float32) + rng.uniform(-6, 6, 3)
+    ink = np.array([30, 28, 70], np.float32) + rng.uniform(-10, 10, 3)
+    patch = np.where(tag[..., None] > 0, ink, paper) + rng.normal(0, 3, (h, w, 3))
+    out = img.copy()
+    out[sl] = np.clip(patch, 0, 255).astype(np.uint8)
+    marker = np.zeros((S, S), bool)
+    marker[sl] = True
+    return out, marker, txt
 
 
 def _derm_report(rng, present, diagnosis):
