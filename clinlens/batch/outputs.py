@@ -28,44 +28,29 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
 import clinlens
+from clinlens.models.checkpoint import atomic_write
 
 PRIVATE_SCHEME = "99CLINLENS"
 SERIES_NUMBERS = {"seg": 900, "heatmap": 910, "sr": 920}
 
 
 # ----------------------------------------------------------------------------- atomic files
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_MODE = _file_mode()   # mkstemp makes 0600 files; outputs get the usual umask permissions
-
-
 def _atomic(path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """`write(binary file)` to a temp file beside `path`, fsync, then rename onto it (`checkpoint.atomic_write`)."""
+    def to_file(tmp):
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    atomic_write(path, to_file)
+    return Path(path)
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
