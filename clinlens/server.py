@@ -107,11 +107,11 @@ SLICER_BOUNDARY = "----------lImIt_of_THE_fIle_eW_$"
 
 def wait_task(url: str, kind: str = "train", timeout: float = 600, poll: float = 1.0) -> dict:
     """Poll MONAI Label's background task status (`GET <url>/<kind>/`: train, scoring, batch/infer)
-    until it is DONE or ERROR; TimeoutError otherwise."""
+    until it is DONE, ERROR or STOPPED; TimeoutError otherwise."""
     deadline, st = time.time() + timeout, {}
     while time.time() < deadline:
         st = requests.get(f"{url}/{kind}/").json() or {}
-        if st.get("status") in ("DONE", "ERROR"):
+        if st.get("status") in ("DONE", "ERROR", "STOPPED"):
             return st
         time.sleep(poll)
     raise TimeoutError(f"{kind} task not finished after {timeout:.0f}s: {st}")

@@ -2,6 +2,7 @@
 sample, infer, Save Label with feedback, automatic background training, hot reload, and an infer
 that moved towards the saved label."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -106,3 +107,23 @@ def test_the_active_learning_loop(al_server):
     assert derm.is_file() and derm.stat().st_mtime > mtime0.get(derm.name, 0)
     after = _concepts(srv, image)
     assert after[target] > before[target] + 0.05, (target, before, after)
+
+
+def test_a_training_killed_midway_leaves_the_last_good_model_serving(al_server):
+    import hashlib
+
+    srv = al_server
+    image = sorted(_objects(srv))[0]
+    published = sorted(srv.model_dir.glob("csr_*.safetensors"))
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in published}
+    before = _concepts(srv, image)
+    assert requests.post(f"{srv.url}/train/concepts", json={"steps": 200000}).status_code == 200
+    deadline = time.time() + 120
+    while time.time() < deadline and "drawn regions, features" not in requests.get(f"{srv.url}/logs/?lines=200").text:
+        time.sleep(1)  # until the subprocess is inside its training loop
+    requests.delete(f"{srv.url}/train/")
+    st = wait_task(srv.url, timeout=120)
+    assert st["status"] in ("STOPPED", "ERROR", "DONE") and st["status"] != "DONE", st
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in published} == digest
+    assert not list(srv.model_dir.glob(".*.tmp"))  # no half-written file left behind
+    assert _concepts(srv, image) == before
