@@ -44,6 +44,16 @@ def test_con_clip_loss_matches_hand_computation():
     c1 = (sum(_ce_row([s * _dot(img[i], c) for c in cap], i) for i in range(2)) / 2
           + sum(_ce_row([s * _dot(cap[i], x) for x in img], i) for i in range(2)) / 2) / 2
     assert contrastive_loss(t(img), t(cap), s).item() == pytest.approx(c1, rel=1e-6)
+    # identity positive masks give the paper's loss; an extra positive changes it
+    eye2, eye4 = torch.eye(2, dtype=torch.bool), torch.eye(2, 4, dtype=torch.bool)
+    assert con_clip_loss(t(img), t(dis), t(cap), t(neg), s, positives=(eye4, eye2, eye4)).item() == pytest.approx(want)
+    more = eye4.clone()
+    more[0, 3] = True
+    soft = (sum(_ce_row([s * _dot(img[i], x) for x in texts], i) for i in range(2))
+            - 0.5 * _ce_row([s * _dot(img[0], x) for x in texts], 0)
+            + 0.5 * _ce_row([s * _dot(img[0], x) for x in texts], 3)) / 2
+    assert con_clip_loss(t(img), t(dis), t(cap), t(neg), s, positives=(more, eye2, eye4)).item() == pytest.approx(
+        (soft + l2 + l3) / 3, rel=1e-6)
 
 
 def test_loss_is_lower_when_negated_captions_are_far_from_their_images():
@@ -85,6 +95,14 @@ def test_batcher_captions_are_true_negations_false_and_distractors_lack_the_find
             assert m.polarity == (AFFIRMED if pd[m.name] else NEGATED), dc
         mixed += "but" in c
     assert 0 < mixed < 48
+    # which texts are true of which images (the optional multi-positive targets)
+    p1, p2, p3 = b.truth(presence)
+    eye = torch.arange(48)
+    assert p1.shape == p3.shape == (48, 96) and p2.shape == (48, 48)
+    assert p1[eye, eye].all() and p2[eye, eye].all() and p3[eye, eye].all()
+    assert not p1[eye, eye + 48].any() and not p3[eye, eye + 48].any()  # n_i false of x_i, c_i false of d_i
+    assert p1.sum() > 48 and p3.sum() > 48  # in-batch texts that are also true: the paper counts them as negatives
+    assert b.truth(presence, "con1").shape == (96, 96)
 
 
 def _vision(state):

@@ -17,6 +17,11 @@ L_CON1 = (CE(s * x t^T) + CE(s * t x^T)) / 2, where the captions may be negated 
 contains ("no pleural effusion."), but a caption's own negation and a distractor are never paired
 with it on purpose. The image encoder is frozen in both (the trainer precomputes image embeddings).
 
+Not in the paper, off by default: `positives` masks replace the arange(B) targets by every in-batch
+text that is true of the image (soft targets, as train-default does for identical captions). With a
+handful of findings most in-batch "negatives" are true ("no mass" of any image without a mass), and
+the paper's targets push them away.
+
 Pure torch + numpy; no MONAI Label imports.
 """
 from __future__ import annotations
