@@ -9,6 +9,8 @@ import pytest
 import requests
 import SimpleITK as sitk
 
+from test_server import phantom_server
+
 from clinlens.server import read_multipart, slicer_post, wait_task
 
 STRATEGIES = ("random", "uncertainty", "ambiguity", "diversity", "hybrid")
@@ -17,17 +19,8 @@ SCORING = ("concept_ambiguity", "diversity", "region_uncertainty")
 
 @pytest.fixture(scope="module")
 def al_server(tmp_path_factory):
-    from clinlens.data.studies import make_studies
-    from clinlens.server import Server
-
-    root = tmp_path_factory.mktemp("al_studies")
-    make_studies(root, n_chest=0, n_derm=8, n_ct=0, labelled_fraction=0.25, seed=21, progress=False)
-    work = tmp_path_factory.mktemp("al_server")
-    conf = {"model_dir": work / "model", "auto_train_after": 1, "auto_train_models": "concepts"}
-    with Server(root, log_path=work / "server.log", conf=conf) as s:
-        s.tmp, s.studies, s.model_dir = work, root, work / "model"
-        yield s
-    print(f"server log: {work / 'server.log'}")
+    yield from phantom_server(tmp_path_factory, "al", {"auto_train_after": 1, "auto_train_models": "concepts"},
+                              n_chest=0, n_derm=8, n_ct=0, labelled_fraction=0.25, seed=21)
 
 
 def _objects(server):

@@ -9,6 +9,8 @@ import pytest
 import requests
 import SimpleITK as sitk
 
+from test_server import phantom_server
+
 from clinlens.activelearning.feedback import canonical_name, map_segments, merge_feedback, validate_feedback
 from clinlens.data.conventions import RequestError
 from clinlens.data.phantoms import DERM_CONCEPTS, DERM_DIAGNOSES
@@ -63,16 +65,7 @@ def test_feedback_normalises_and_merges():
 # ----------------------------------------------------------------------------- real server
 @pytest.fixture(scope="module")
 def fb_server(tmp_path_factory):
-    from clinlens.data.studies import make_studies
-    from clinlens.server import Server
-
-    root = tmp_path_factory.mktemp("fb_studies")
-    make_studies(root, n_chest=2, n_derm=8, n_ct=0, labelled_fraction=0.5, seed=13, progress=False)
-    work = tmp_path_factory.mktemp("fb_server")
-    with Server(root, log_path=work / "server.log", conf={"model_dir": work / "model"}) as s:
-        s.tmp, s.studies = work, root
-        yield s
-    print(f"server log: {work / 'server.log'}")
+    yield from phantom_server(tmp_path_factory, "fb", n_chest=2, n_derm=8, n_ct=0, labelled_fraction=0.5, seed=13)
 
 
 def _ids(server, prefix):

@@ -6,6 +6,8 @@ import pytest
 import requests
 import torch
 
+from test_server import phantom_server
+
 from clinlens.models.clip import LazyClip, load_clip, load_text_tower
 from clinlens.server import read_multipart, slicer_post, wait_task
 
@@ -39,16 +41,7 @@ def test_text_tower_override_keeps_the_image_tower(bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def neg_server(tmp_path_factory):
-    from clinlens.data.studies import make_studies
-    from clinlens.server import Server
-
-    root = tmp_path_factory.mktemp("neg_studies")
-    make_studies(root, n_chest=2, n_derm=0, n_ct=0, labelled_fraction=0.0, seed=5, progress=False)
-    work = tmp_path_factory.mktemp("neg_server")
-    with Server(root, log_path=work / "server.log", conf={"model_dir": work / "model"}) as s:
-        s.model_dir = work / "model"
-        yield s
-    print(f"server log: {work / 'server.log'}")
+    yield from phantom_server(tmp_path_factory, "neg", n_chest=2, n_derm=0, n_ct=0, labelled_fraction=0.0, seed=5)
 
 
 def _zeroshot(server, image):

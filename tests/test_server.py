@@ -1,5 +1,6 @@
 """The app behind a real `python -m monailabel.main start_server`, driven as Slicer and OHIF drive it."""
 import json
+from pathlib import Path
 
 import nrrd
 import numpy as np
@@ -17,6 +18,22 @@ def images(server, prefix):
 
 def assert_still_serving(server):
     assert requests.get(server.url + "/info/", timeout=10).status_code == 200
+
+
+def phantom_server(tmp_path_factory, name: str, conf: dict | None = None, **studies):
+    """A module's own real server over fresh phantom studies (`make_studies(**studies)`); yields it
+    with `.studies`, `.tmp` and `.model_dir` set. Use inside a fixture: `yield from phantom_server(...)`."""
+    from clinlens.data.studies import make_studies
+    from clinlens.server import Server
+
+    root = tmp_path_factory.mktemp(f"{name}_studies")
+    make_studies(root, progress=False, **studies)
+    work = tmp_path_factory.mktemp(f"{name}_server")
+    conf = {"model_dir": work / "model", **(conf or {})}
+    with Server(root, log_path=work / "server.log", conf=conf) as s:
+        s.studies, s.tmp, s.model_dir = root, work, Path(conf["model_dir"])
+        yield s
+    print(f"server log: {work / 'server.log'}")
 
 
 def test_info_has_the_schema_slicer_expects(server):

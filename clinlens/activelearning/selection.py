@@ -74,21 +74,17 @@ class _FreshWindow:
     (so the score is reproducible); the caller's window for the image is restored afterwards."""
 
     def __init__(self, predictor, image_key, hw):
-        self.windows = getattr(predictor, "_windows", None)
-        self.key = (image_key, None, tuple(int(v) for v in hw))
+        self.predictor, self.key, self.hw = predictor, image_key, hw
 
     def reset(self):
-        if self.windows is not None:
-            self.windows.pop(self.key, None)
+        self.predictor.set_window(self.key, self.hw, None)
 
     def __enter__(self):
-        self.saved = None if self.windows is None else self.windows.get(self.key)
+        self.saved = self.predictor.window(self.key, self.hw)
         return self
 
     def __exit__(self, *exc):
-        self.reset()
-        if self.saved is not None:
-            self.windows[self.key] = self.saved
+        self.predictor.set_window(self.key, self.hw, self.saved)
 
 
 def _predict(predictor, image2d, image_key, p: dict) -> np.ndarray:

@@ -149,6 +149,18 @@ class RegionPredictor:
         self._cache.clear()
         self._windows.clear()
 
+    def window(self, image_key, hw, slice: int | None = None):
+        """The focus window later clicks on this image (slice) start from, or None."""
+        return self._windows.get((image_key, slice, tuple(int(v) for v in hw)))
+
+    def set_window(self, image_key, hw, window, slice: int | None = None) -> None:
+        """Set (or with None forget) that window, e.g. to predict from a fresh one and restore it after."""
+        key = (image_key, slice, tuple(int(v) for v in hw))
+        if window is None:
+            self._windows.pop(key, None)
+        else:
+            self._windows[key] = window
+
     def _trunk(self, key, image2d, window):
         if key in self._cache:
             self._cache.move_to_end(key)
