@@ -4,10 +4,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from skimage.color import lab2rgb
 import SimpleITK as sitk
 
 from clinlens.data.dicom_io import write_ct_series
-from clinlens.data.dicom_seg import read_seg, sorted_series_files, write_seg
+from clinlens.data.dicom_seg import SEGMENT_RGB, read_seg, sorted_series_files, write_seg
 from clinlens.data.image_io import load_image
 from clinlens.data.phantoms import make_ct
 
@@ -39,6 +40,11 @@ def test_seg_round_trip_keeps_masks_and_names(which, tmp_path):
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(sorted_series_files(folder)[0]).SeriesInstanceUID
     back, names = read_seg(out, folder)
     assert sorted(names.values()) == ["lung mass", "lung nodule"]
+    # every segment carries a display colour (OHIF warns and picks its own without one), distinct per segment
+    rgb = [lab2rgb(np.array([[[v[0] * 100 / 65535, v[1] * 255 / 65535 - 128, v[2] * 255 / 65535 - 128]]]))[0, 0] * 255
+           for v in (d.RecommendedDisplayCIELabValue for d in ds.SegmentSequence)]
+    np.testing.assert_allclose(rgb[0], SEGMENT_RGB[0], atol=2)
+    np.testing.assert_allclose(rgb[1], SEGMENT_RGB[1], atol=2)
     for value, name in ((7, "lung mass"), (2, "lung nodule")):
         num = next(k for k, v in names.items() if v == name)
         np.testing.assert_array_equal(back == num, lab == value)

@@ -16,6 +16,21 @@ import pydicom
 import clinlens
 
 
+# Segment display colours (RGB), in segment-number order: viewers (OHIF warns without them) show
+# segment n in SEGMENT_RGB[(n - 1) % len]. Red first, as Slicer and OHIF do by default.
+SEGMENT_RGB = ((220, 50, 50), (50, 170, 70), (60, 110, 220), (230, 200, 40), (170, 80, 200), (40, 190, 200),
+               (240, 130, 40), (150, 110, 70))
+
+
+def segment_cielab(n: int) -> tuple[int, int, int]:
+    """DICOM-encoded RecommendedDisplayCIELabValue of segment number `n` (1-based)."""
+    import highdicom as hd
+    from skimage.color import rgb2lab
+
+    lab = rgb2lab(np.array(SEGMENT_RGB[(n - 1) % len(SEGMENT_RGB)], float)[None, None] / 255)[0, 0]
+    return tuple(int(v) for v in hd.color.CIELabColor(*(float(x) for x in lab)).value)
+
+
 def sorted_series_files(folder) -> list[str]:
     """The series' files in SimpleITK's GDCM order (the z order of the image as loaded)."""
     import SimpleITK as sitk
@@ -66,6 +81,8 @@ def build_seg(source_folder, label: np.ndarray, names: dict[int, str], series_de
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC, algorithm_identification=algo)
         for n, v in enumerate(values, 1)
     ]
+    for d in descriptions:  # highdicom 0.22's SegmentDescription takes no colour argument
+        d.RecommendedDisplayCIELabValue = list(segment_cielab(int(d.SegmentNumber)))
     dense = np.zeros(label.shape, np.uint8)
     for n, v in enumerate(values, 1):
         dense[label == v] = n
