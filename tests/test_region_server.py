@@ -129,6 +129,12 @@ def test_text_seg_answers_with_a_mask_and_a_verdict(server, studies):
     assert res["prompt"] == name and isinstance(res["found"], bool) and 0 <= res["score"] <= 1
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(_save(server, "text.png", parts["image"].content))))
     assert mask.shape == lab.shape and (mask.any() == res["found"])
+    # the default contrast: the prompt competes with the chest family's other findings
+    assert res["contrast"] == "vocabulary" and name not in res["competitors"] and len(res["competitors"]) >= 4
+    # the 2-way rule, asked for explicitly, scores against the negation alone and so never scores lower
+    r2 = slicer_infer(server, "text_seg", image, {"prompt": name, "contrast": "negation"})
+    res2 = json.loads(read_multipart(r2)["params"].content)
+    assert res2["contrast"] == "negation" and res2["competitors"] == [] and res2["score"] >= res["score"] - 1e-4
 
 
 @pytest.mark.parametrize("case,model,params,words", [
@@ -141,6 +147,7 @@ def test_text_seg_answers_with_a_mask_and_a_verdict(server, studies):
     ("3d_model_on_2d", "region_seg_3d", {"foreground": [[10, 10, 0]]}, "needs a 3D volume"),
     ("negated_text", "text_seg", {"prompt": "no pleural effusion"}, "is negated"),
     ("empty_text", "text_seg", {"prompt": "   "}, "'prompt' must be"),
+    ("contrast", "text_seg", {"prompt": "nodule", "contrast": "all"}, "'contrast' must be one of"),
 ])
 def test_region_bad_input(server, case, model, params, words):
     ids = sorted(requests.get(server.url + "/datastore/?output=all").json()["objects"])
@@ -161,3 +168,13 @@ def test_mask_prompt_of_the_wrong_shape(server):
                              "params": (None, json.dumps({"foreground": [[10, 10, 0]]}))})
     assert r.status_code == 422 and "mask prompt has shape" in r.json()["detail"], r.text
     assert_still_serving(server)
+
+
+def test_text_seg_competitors_drop_names_of_the_same_thing():
+    from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS
+    from clinlens.infer.region import competitors
+
+    assert competitors(CT_FINDINGS, "lung nodule") == ["lung mass", "pleural effusion"]
+    assert "nodule" not in competitors(CHEST_FINDINGS, "Lung Nodule") and "mass" in competitors(CHEST_FINDINGS, "lung nodule")
+    assert competitors(CHEST_FINDINGS, "pleural effusion") == [f for f in CHEST_FINDINGS if f != "pleural effusion"]
+    assert competitors(CHEST_FINDINGS, "rib fracture") == CHEST_FINDINGS  # free text competes with every finding

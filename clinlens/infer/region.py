@@ -4,7 +4,9 @@
   `label` file, or the previous result of the same segment while its clicks only grow).
 - `region_seg_3d` (deepgrow, 3D): segment every clicked slice, then propagate slice to slice.
 - `text_seg` (segmentation): a finding name or free text -> the candidate region whose embedding
-  matches the text best (against its negation) -> its mask.
+  matches the text best -> its mask. With `contrast: "vocabulary"` (default) the prompt competes with
+  its negation and the image family's other findings, p = softmax(s * [prompt, no prompt, others])[0];
+  `"negation"` keeps only the negation (a 2-way softmax, which some region almost always passes).
 
 Every answer carries "what is here": the region embedding against the finding vocabulary.
 """
@@ -172,17 +174,30 @@ def candidate_boxes(h: int, w: int, fractions=(0.5, 0.25)) -> list[list[float]]:
     return out
 
 
+TEXT_SEG_CONTRASTS = ("vocabulary", "negation")
+
+
+def competitors(vocab, finding: str) -> list[str]:
+    """The family's findings a prompt competes with: all but those naming the same thing (one name
+    containing the other: "nodule" / "lung nodule")."""
+    f = finding.strip().lower()
+    return [v for v in vocab if v.lower() not in f and f not in v.lower()]
+
+
 class TextSegInfer(_RegionTask):
     def __init__(self, region, vocab, labels):
         super().__init__(region, vocab, labels, InferType.SEGMENTATION, 2,
                          "Text-prompted segmentation: a finding name or free text -> mask",
-                         config={"prompt": list(dict.fromkeys(n for v in vocab.values() for n in v)), "threshold": 0.5})
+                         config={"prompt": list(dict.fromkeys(n for v in vocab.values() for n in v)), "threshold": 0.5,
+                                 "contrast": list(TEXT_SEG_CONTRASTS)})
 
-    def _text(self, bundle, prompt: str):
+    def _text(self, bundle, prompt: str, others=()):
+        """(2 + len(others), D): the prompt, its negation, then each competing finding (template means)."""
         with torch.no_grad():
-            pos = bundle.encode_texts([t.format(prompt) for t in POSITIVE_TEMPLATES]).mean(0)
-            neg = bundle.encode_texts([t.format(prompt) for t in NEGATIVE_TEMPLATES]).mean(0)
-        return torch.stack([pos, neg]).float().cpu()
+            rows = [bundle.encode_texts([t.format(prompt) for t in POSITIVE_TEMPLATES]).mean(0),
+                    bundle.encode_texts([t.format(prompt) for t in NEGATIVE_TEMPLATES]).mean(0)]
+            rows += [bundle.encode_texts([t.format(o) for t in POSITIVE_TEMPLATES]).mean(0) for o in others]
+        return torch.stack(rows).float().cpu()
 
     def _best_on(self, pred, plane, key, k, text):
         best = None
@@ -219,9 +234,15 @@ class TextSegInfer(_RegionTask):
         if polarity == NEGATED:
             raise RequestError(f"'{prompt}' is negated: there is no region to segment; ask for '{finding}' "
                                "(or use zeroshot, which scores negated prompts)")
+        contrast = request.get("contrast") or TEXT_SEG_CONTRASTS[0]
+        if isinstance(contrast, list):  # Slicer sends the config's choice list back when untouched
+            contrast = contrast[0] if contrast else TEXT_SEG_CONTRASTS[0]
+        if contrast not in TEXT_SEG_CONTRASTS:
+            raise RequestError(f"'contrast' must be one of {list(TEXT_SEG_CONTRASTS)}, got {contrast!r}")
         p = parse_prompts(request, image.size_ijk, dimension=2)
         pred = self.region.get()
-        text = self._text(pred.bundle, prompt.strip())
+        others = competitors(self.vocab[family_of(image)], finding) if contrast == "vocabulary" else []
+        text = self._text(pred.bundle, prompt.strip(), others)
         t0 = time.perf_counter()
         volume = len(image.spatial_shape) == 3 and not image.is_rgb
         slices = [p.slice] if (p.slice is not None or not volume) else self._likely_slices(pred.bundle, image, prompt)
@@ -240,7 +261,8 @@ class TextSegInfer(_RegionTask):
                                      best[1]["mask"], request["image"]).astype(np.uint8)
         else:
             mask = best[1]["mask"].astype(np.uint8)
-        extra = {"prompt": prompt, "found": found, "score": round(best[0], 4) if best else 0.0,
+        extra = {"prompt": prompt, "contrast": contrast, "competitors": others, "found": found,
+                 "score": round(best[0], 4) if best else 0.0,
                  "slice": best_k, "latencies": {"search_ms": round(1000 * (time.perf_counter() - t0), 1)}}
         res = best[1] if best else {"region_embedding": text[0].numpy()}
         out = self.answer(pred, res, prompt, extra, image)
