@@ -62,10 +62,10 @@ def test_clinician_boxes_and_rejected_concepts_change_the_reasoning(server):
     rej, _ = concepts_json(server, image, {"reject_concepts": [top]})
     scores = {c["concept"]: c["score"] for c in rej["concepts"]}
     assert scores[top] == 0 and all(p["concept"] != top for p in rej["prototypes"])
-    # a negative box over the whole image leaves no evidence anywhere
+    # a negative box over the whole image leaves no evidence anywhere: every concept at the lowest cosine
     H, W = sitk.GetArrayFromImage(sitk.ReadImage(str(_download(server, image)))).shape[:2]
     neg, _ = concepts_json(server, image, {"boxes": [{"box": [0, 0, W, H], "polarity": "negative"}]})
-    assert all(c["score"] == 0 for c in neg["concepts"])
+    assert all(c["score"] == -1 for c in neg["concepts"])
     # Slicer's roi is a positive box: outside it evidence counts alpha times
     pos, _ = concepts_json(server, image, {"roi": [0, W // 4, 0, H // 4, 0, 0], "alpha": 0.0})
     for p in pos["prototypes"]:

@@ -153,18 +153,24 @@ def test_box_importance_maps_and_rescoring(bundle, derm):
     s[0, 0, 3, 4] = 0.9
     sc = lambda **kw: m.scores_from_maps(s, m.importance_map(alpha=0.2, **kw))[0, 0].item()  # noqa: E731
     assert sc() == pytest.approx(0.9)
-    assert sc(neg_boxes=[64, 48, 80, 64]) == 0.0  # a negative box over the only evidence zeroes it
+    assert sc(neg_boxes=[64, 48, 80, 64]) == pytest.approx(0.0)  # a negative box over the only evidence removes it
     assert sc(pos_boxes=[64, 48, 80, 64]) == pytest.approx(0.9)
-    assert sc(pos_boxes=[0, 0, 32, 32]) == pytest.approx(0.2 * 0.9)  # evidence outside the focus: α
+    # evidence outside the focus is weighted by α on the shifted cosine: (0.9 + 1) 0.2 − 1 < 0, so the
+    # focus box's own cosine 0 wins; the same on a map that is negative everywhere but at the evidence
+    assert sc(pos_boxes=[0, 0, 32, 32]) == pytest.approx(0.0)
+    s.fill_(-0.5)
+    s[0, 0, 3, 4] = 0.9
+    assert sc(pos_boxes=[0, 0, 32, 32]) == pytest.approx(max(-0.5, 0.2 * 1.9 - 1))
+    assert sc(pos_boxes=[0, 0, 32, 32]) < sc()  # focusing elsewhere never raises a score (raw A ⊙ S gave 0.18 > -0.5)
     # through the full model: A reweights every map before the max
     pv = derm[0][:1]
     base = m(pv)
     out = m(pv, pos_boxes=[[0, 0, 112, 112]], neg_boxes=[[0, 0, 32, 32]], alpha=0.5)
     a = m.importance_map([[0, 0, 112, 112]], [[0, 0, 32, 32]], 0.5)
-    assert torch.allclose(out["proto_scores"], (base["sim_maps"] * a).flatten(2).amax(-1))
+    assert torch.allclose(out["proto_scores"], ((base["sim_maps"] + 1) * a).flatten(2).amax(-1) - 1)
     assert not torch.allclose(out["proto_scores"], base["proto_scores"])
     assert torch.allclose(out["logits"], out["proto_scores"] @ m.task_w.T + m.task_b)
-    assert bool((m(pv, neg_boxes=[0, 0, 224, 224])["proto_scores"] == 0).all())
+    assert bool((m(pv, neg_boxes=[0, 0, 224, 224])["proto_scores"] == -1).all())  # nothing left to look at
 
 
 def test_reject_concepts_zeroes_scores(bundle, derm):

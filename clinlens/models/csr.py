@@ -21,7 +21,11 @@ A plain `torch.nn.Module` on a Hugging Face `CLIPModel`; nothing here knows MONA
 `floor(x0·g/S) .. ceil(x1·g/S)` (exclusive), rows likewise. The importance map is A = 1 on patches of
 positive boxes, 0 on patches of negative boxes (negative wins where both), α elsewhere when at least
 one positive box is given, else 1 (with only negative boxes nothing is in focus, so the rest keeps
-its weight). `reject_concepts` zeroes those concepts' prototype scores before the task head.
+its weight). A weights the cosine shifted to [0, 2], `s_km = max_hw (A ⊙ (S_km + 1)) − 1`, so A = 0
+reads as "no evidence" (cosine −1) rather than cosine 0, which would lift the mostly negative maps
+(a deliberate change to the paper's `max(A ⊙ S)`; the box benchmark gains on both families with it).
+`reject_concepts` zeroes those concepts' prototype scores before the task head (they drop out of the
+linear head).
 
 **Text grounding** (beyond the paper). Text anchors `t_k` are CLIP text embeddings of each concept's
 name (and description) averaged over `zeroshot.POSITIVE_TEMPLATES`, in the CLIP joint space. The
@@ -331,10 +335,12 @@ class CSRModel(nn.Module):
 
     @staticmethod
     def scores_from_maps(sim_maps: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
-        """`s_km = max_hw (A ⊙ S_km)` -> (B, P)."""
-        if importance is not None:
-            sim_maps = sim_maps * importance
-        return sim_maps.flatten(2).amax(-1)
+        """`s_km = max_hw (A ⊙ (S_km + 1)) − 1` -> (B, P): A weights the cosine shifted to [0, 2], so A = 0
+        means "no evidence" (cosine −1). Weighting the raw cosine, as written in the paper, would raise
+        negative similarities towards 0 outside the focus (most of a map is negative)."""
+        if importance is None:
+            return sim_maps.flatten(2).amax(-1)
+        return ((sim_maps + 1) * importance).flatten(2).amax(-1) - 1
 
     def concept_scores(self, proto_scores: torch.Tensor) -> torch.Tensor:
         """(B, P) -> (B, K): each concept's best prototype (0 for a concept without prototypes)."""
