@@ -7,6 +7,7 @@ import shutil
 import nrrd
 import numpy as np
 import pytest
+import torch
 import requests
 import SimpleITK as sitk
 from test_server import assert_still_serving
@@ -167,6 +168,59 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     assert prompts.path("derm") == tmp_path / "model" / "prompt_derm.safetensors"
     few = PromptLearnerTrain(prompts, LABELS)({"steps": 3, "shots": 1}, ds)
     assert few["derm"]["images"] == len({it[3] for it in items["derm"]}) and few["derm"]["shots"] == 1
+
+
+def test_train_task_prunes_the_prototypes_firing_on_a_drawn_marker(studies, tmp_path):
+    """Firing-map pruning: segments named "Text Marker" on a few images; the prototypes peaking there are pruned."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from clinlens.data.studies import LABELS
+    from clinlens.infer.concepts import LazyCSR
+    from clinlens.models.clip import LazyClip
+    from clinlens.models.csr import CSRModel
+    from clinlens.trainers.concepts_task import ConceptsTrain, datastore_items
+
+    root = tmp_path / "studies"
+    shutil.copytree(studies, root)
+    ds = LocalDatastore(str(root), extensions=["*.png", "*.nii.gz"], auto_reload=False)
+    derm = sorted(i for i in ds.list_images() if i.startswith("derm"))
+    for i in derm:
+        dx = json.loads((root / "clinlens" / f"{i}.json").read_text())["diagnosis"]
+        ds.update_image_info(i, {"diagnosis": dx})
+
+    def draw(image, box):
+        img = sitk.GetArrayFromImage(sitk.ReadImage(ds.get_image_uri(image)))
+        lab = np.zeros(img.shape[:2], np.uint8)
+        y0, y1, x0, x1 = box
+        lab[y0:y1, x0:x1] = 3
+        p = tmp_path / f"{image}_marker.png"
+        sitk.WriteImage(sitk.GetImageFromArray(lab), str(p))
+        ds.save_label(image, str(p), "final", {"label_info": [{"name": "Text Marker", "idx": 3}]})
+        return lab > 0
+
+    masks = {i: draw(i, (96, 160, 96, 160)) for i in derm[:2]}  # on the lesion, where prototypes fire
+    items = datastore_items(ds, LABELS, "text marker")["derm"]
+    marked = [it for it in items if "text marker" in it[4]]
+    assert len(derm) >= 2 and sorted(it[0] for it in marked) == derm[:2]
+    assert all("text marker" not in it[2] for it in marked)  # an artefact, not a concept
+
+    csr = LazyCSR(LazyClip(), tmp_path / "model")
+    shipped = csr.get("derm").n_prototypes
+    task = ConceptsTrain(csr, LABELS)
+    out = task({"steps": 5, "prune_firing_on": "Text Marker", "fire_share": 0.0}, ds)["derm"]
+    fired = out["firing_on"]["pruned"]
+    assert fired, "no prototype peaks on the marker corner: the check below would be vacuous"
+    assert out["firing_on"]["images"] == 2 and out["pruned"] == fired
+    bundle = csr.clip.get()
+    trained = CSRModel.load(bundle, csr.path("derm"))
+    assert trained.n_prototypes == shipped - len(fired) and set(fired).isdisjoint(trained.proto_ids.tolist())
+    # the prototypes left never peak on the marker (share 0): pruning took exactly those that did
+    feats = trained.features(torch.cat([bundle.pixel_values(it[1]) for it in marked]))
+    assert float(trained.firing_rates(feats, [masks[it[0]] for it in marked]).max()) == 0.0
+    # a region everywhere: every prototype fires on it, and the task says so instead of pruning them all
+    draw(derm[0], (0, 10_000, 0, 10_000))
+    with pytest.raises(ValueError, match="every prototype fires"):
+        task({"steps": 1, "prune_firing_on": "text marker", "fire_share": 0.0}, ds)
 
 
 def test_batch_infer_keeps_classification_results_in_the_datastore(server):

@@ -362,3 +362,18 @@ def test_short_training_improves_concept_auroc(bundle, derm):
     assert after_cam > before_cam + 0.1 and after_cam > 0.65
     assert after_sim > before_sim + 0.05
     assert acc > 0.5 and test_acc > 0.5  # 3 classes
+
+
+def test_firing_rates_count_the_peaks_on_the_region():
+    from clinlens.models.csr import CSRModel
+
+    maps = torch.zeros(4, 3, 14, 14)
+    maps[:, 0, 0, 0] = 1.0           # prototype 0 peaks in the corner on every image
+    maps[:2, 1, 0, 1] = 1.0          # prototype 1 there on half of them, elsewhere on the rest
+    maps[2:, 1, 9, 9] = 1.0
+    maps[:, 2, 7, 7] = 1.0           # prototype 2 never
+    cells = torch.zeros(4, 14, 14, dtype=torch.bool)
+    cells[:, :2, :2] = True
+    rates = CSRModel.firing_rates_from_maps(maps, cells)
+    assert rates.tolist() == [1.0, 0.5, 0.0]
+    assert CSRModel.firing_rates_from_maps(maps[:0], cells[:0]).tolist() == [0.0, 0.0, 0.0]

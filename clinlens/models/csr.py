@@ -37,7 +37,9 @@ anchors. New concepts are added by text (`add_concept_by_text`).
 
 **Atlas.** `build_atlas` ties each prototype to its nearest patch over training images (image id,
 pixel box on the model input); `prune_prototypes` removes prototypes by id, `refit_task_head`
-refits the head on stored scores.
+refits the head on stored scores. `firing_rates` says where each prototype fires: the share of
+images, each with a region (a drawn "text marker", say), on whose region its map peaks;
+`prototypes_firing_on` picks those above a share for pruning (beyond the paper's single-patch atlas).
 
 Checkpoint: one safetensors file (config and atlas in its metadata), published atomically, plus a
 JSON summary beside it; the frozen backbone always comes from the CLIP directory.
@@ -51,6 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -476,6 +479,37 @@ class CSRModel(nn.Module):
         if store:
             self.atlas = atlas
         return atlas
+
+    @staticmethod
+    def firing_rates_from_maps(sim_maps: torch.Tensor, region_cells: torch.Tensor) -> torch.Tensor:
+        """(N, P, h, w) similarity maps, (N, h, w) bool patch cells of a region per image -> (P,) share of the
+        images whose map peaks on a cell of their region."""
+        n, p, h, w = sim_maps.shape
+        if n == 0:
+            return torch.zeros(p)
+        peak = sim_maps.flatten(2).argmax(-1)  # (N, P)
+        return region_cells.reshape(n, h * w).to(sim_maps.device).gather(1, peak).float().mean(0).cpu()
+
+    def region_cells(self, masks) -> torch.Tensor:
+        """Masks (each (H, W), any size, resized to the model input) -> (N, h, w) bool: the patch cells
+        each mask touches."""
+        cells = [F.adaptive_max_pool2d(F.interpolate(torch.as_tensor(np.asarray(m, np.float32))[None, None],
+                                                     size=(self.image_size,) * 2, mode="nearest"), self.grid)[0, 0] > 0
+                 for m in masks]
+        return torch.stack(cells) if cells else torch.zeros(0, *self.grid, dtype=torch.bool)
+
+    @torch.no_grad()
+    def firing_rates(self, feats: torch.Tensor, masks) -> torch.Tensor:
+        """(P,) share of the images (cached features (N, D, h, w), one region mask each) on whose region
+        each prototype's similarity map peaks: where a prototype fires, e.g. on a ruler or a text marker."""
+        return self.firing_rates_from_maps(self.similarity_maps(feats.to(self.device)), self.region_cells(masks))
+
+    def prototypes_firing_on(self, feats: torch.Tensor, masks, share: float = 0.5) -> list[int]:
+        """Ids of the prototypes that peak on the region in more than `share` of the images (firing-map pruning)."""
+        if not 0.0 <= float(share) < 1.0:
+            raise ValueError(f"share must be in [0, 1), got {share}")
+        rates = self.firing_rates(feats, masks)
+        return sorted(int(i) for i, r in zip(self.proto_ids.tolist(), rates.tolist()) if r > share)
 
     @torch.no_grad()
     def prune_prototypes(self, ids: Iterable[int]) -> torch.Tensor:

@@ -92,10 +92,12 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr: float, seed: int = 0, prune=(),
-            progress: bool = False) -> tuple[list[dict], float | None]:
+            progress: bool = False, fire=None) -> tuple[list[dict], float | None, list[int]]:
     """Stages 1-3 by gradient on cached features (Adam, cosine schedule; class labels -1 = unknown),
-    then any pruning, then stage 4 (the task head) refitted to convergence. Returns (loss history,
-    refit accuracy or None when no image has a class)."""
+    then any pruning, then stage 4 (the task head) refitted to convergence. `fire` = (indices of the
+    images with the region, their region masks, share): the prototypes firing on the region in more
+    than that share of them are pruned too. Returns (loss history, refit accuracy or None when no image
+    has a class, the prototype ids pruned for firing on the region)."""
     from tqdm.auto import tqdm
 
     model.train()
@@ -120,6 +122,14 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
     model.eval()
     with torch.no_grad():
         scores = model.scores_from_maps(model.similarity_maps(feats.to(model.device))).cpu()
+    fired = []
+    if fire is not None:
+        idx, masks, share = fire
+        fired = model.prototypes_firing_on(feats[list(idx)], masks, share)
+        if len(set(fired) | set(int(i) for i in prune)) >= model.n_prototypes:
+            raise ValueError(f"every prototype fires on the region in more than {share:.0%} of its images: "
+                             "nothing would be left; raise the share or draw the region more tightly")
+    prune = sorted(set(int(i) for i in prune) | set(fired))
     if prune:
         kept = model.prune_prototypes(prune)
         scores = scores[:, kept]
@@ -127,13 +137,18 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
     refit_acc = None
     if labelled.any():  # stage 4 to convergence on the final prototype scores (after any pruning)
         refit_acc = model.refit_task_head(scores[labelled], cls[labelled])
-    return hist, refit_acc
+    return hist, refit_acc, fired
 
 
 def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
               lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
-              extra: dict | None = None, **cfg) -> dict:
-    """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`."""
+              extra: dict | None = None, prune_firing_on: str | None = None, fire_share: float = 0.5,
+              **cfg) -> dict:
+    """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`.
+
+    `prune_firing_on`: the name of drawn regions (an item's drawn dict, e.g. "text marker") on which
+    prototypes must not fire: those peaking on it in more than `fire_share` of the images that have it
+    are pruned (firing-map pruning)."""
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -145,7 +160,15 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     drawn = int((regions.flatten(2).amax(-1) > 0).sum())
     log(f"CSR: {len(items)} images, {len(model.concepts)} concepts, {len(model.classes)} classes, "
         f"{drawn} drawn regions, features {time.time() - t0:.1f}s")
-    hist, refit_acc = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress)
+    fire = None
+    if prune_firing_on:
+        idx = [i for i, it in enumerate(items) if (it[4] or {}).get(prune_firing_on) is not None
+               and np.asarray(it[4][prune_firing_on]).any()]
+        if not idx:
+            raise ValueError(f"no image has a drawn region named {prune_firing_on!r} to find the prototypes firing on it")
+        fire = (idx, [items[i][4][prune_firing_on] for i in idx], fire_share)
+        log(f"CSR: pruning prototypes that fire on {prune_firing_on!r} in more than {fire_share:.0%} of {len(idx)} images")
+    hist, refit_acc, fired = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress, fire)
     labelled = cls >= 0
     with torch.no_grad():
         out = model(features=feats.to(model.device))
@@ -154,7 +177,10 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     ids = [it[0] for it in items]
     model.build_atlas([(ids[i:i + 32], feats[i:i + 32]) for i in range(0, len(ids), 32)], features=True)
     summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
-               "drawn_regions": drawn, "pruned": sorted(int(i) for i in prune), "train_class_accuracy": acc,
+               "drawn_regions": drawn, "pruned": sorted(set(int(i) for i in prune) | set(fired)),
+               "firing_on": ({"region": prune_firing_on, "share": fire_share, "images": len(fire[0]), "pruned": fired}
+                             if fire else None),
+               "train_class_accuracy": acc,
                "train_concept_auroc": round(auroc, 4), "refit_accuracy": refit_acc,
                "final_loss": round(float(np.mean([h["total"] for h in hist[-20:]])), 4) if hist else None,
                "device": str(model.device), "seconds": round(time.time() - t0, 1), **(extra or {})}

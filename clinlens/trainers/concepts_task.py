@@ -10,8 +10,11 @@ What it learns from, per datastore image:
   negatives (they win over a drawn region), a corrected class replaces the diagnosis, and pruned
   prototypes are removed at every retraining.
 Each image family present is trained (continuing from its current model; with images that carry a
-class, its ClinCoCoOp prompt learner too) and published atomically to `model_dir`, which inference reloads. `prune` ({family: [prototype ids]}) removes prototypes and
-refits the task head: the train-time atlas pruning.
+class, its ClinCoCoOp prompt learner too) and published atomically to `model_dir`, which inference
+reloads. `prune` ({family: [prototype ids]}) removes prototypes and refits the task head: the
+train-time atlas pruning. `prune_firing_on` (a segment name such as "text marker", drawn on a few
+images where an artefact sits) prunes the prototypes that fire on it in more than `fire_share` of
+those images (firing-map pruning, `CSRModel.prototypes_firing_on`).
 """
 from __future__ import annotations
 
@@ -30,8 +33,11 @@ from clinlens.trainers.region_task import label_names
 from clinlens.trainers.task import StatsTrainTask
 
 
-def datastore_items(datastore, fallback_labels: dict) -> dict[str, list]:
-    """family -> [(image id, image, concepts, class, drawn regions)] from image info and final labels."""
+def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = None) -> dict[str, list]:
+    """family -> [(image id, image, concepts, class, drawn regions)] from image info and final labels.
+
+    Segments named after a concept are drawn regions of it; a segment named `keep_region` (any name,
+    e.g. "text marker", case-insensitive) is kept under that name for firing-map pruning."""
     out = defaultdict(list)
     labelled = set(datastore.get_labeled_images())
     for i in datastore.list_images():
@@ -50,6 +56,8 @@ def datastore_items(datastore, fallback_labels: dict) -> dict[str, list]:
                 if name is not None and (lab == idx).any():
                     drawn[name] = lab == idx
                     concepts[name] = 1
+                elif keep_region and seg.strip().lower() == keep_region and (lab == idx).any():
+                    drawn[keep_region] = lab == idx
         fb = info.get(FEEDBACK_KEY) or {}
         for name in fb.get("reject_concepts", []):
             if name in vocab:
@@ -86,12 +94,13 @@ class ConceptsTrain(StatsTrainTask):
         self.labels = dict(labels)
 
     def config(self):
-        return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}}
+        return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}, "prune_firing_on": "", "fire_share": 0.5}
 
     def __call__(self, request, datastore):
         conf = self.options(request)
         prune = {f: [int(i) for i in ids] for f, ids in (conf["prune"] if isinstance(conf["prune"], dict) else {}).items()}
-        per_family = datastore_items(datastore, self.labels)
+        firing_on = str(conf.get("prune_firing_on") or "").strip().lower() or None
+        per_family = datastore_items(datastore, self.labels, firing_on)
         for fam, ids in stored_pruning(datastore, self.csr).items():  # feedback: pruned prototypes stay pruned
             prune[fam] = sorted(set(prune.get(fam, [])) | set(ids))
         if not per_family and not prune:
@@ -108,6 +117,8 @@ class ConceptsTrain(StatsTrainTask):
                                        steps=int(conf["steps"]), batch=int(conf["batch"]), lr=float(conf["lr"]),
                                        init=init if init.is_file() else None,
                                        prune=prune.get(fam, []),
+                                       prune_firing_on=firing_on if any(firing_on in it[4] for it in items) else None,
+                                       fire_share=float(conf["fire_share"]),
                                        extra={"source": "datastore", "family": fam})
             if self.prompts is not None and any(it[3] in classes for it in items):
                 pinit = self.prompts.path(fam)
