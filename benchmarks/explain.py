@@ -15,8 +15,10 @@ Metrics, all on the model's patch grid:
 - deletion / insertion AUC: patches ranked by heat (ties broken at random, seeded per object);
   the top k% are replaced by a blurred copy of the image (deletion) or pasted onto the blurred copy
   (insertion) for k = 0, step, ..., 100; score = cos(encode_images(x), target), where the target
-  embedding is `resolve_target`'s (the one `explain` explains); AUC by the trapezoid rule over the
-  patch fraction. Lower deletion, higher insertion is better.
+  embedding is `resolve_target`'s (the one `explain` explains), or with `--score probability` the
+  target's zero-shot probability against its rivals (the family's other findings, diagnoses or
+  concepts; RISE scores class probabilities); AUC by the trapezoid rule over the patch fraction.
+  Lower deletion, higher insertion is better.
 - pointing game: the heatmap's peak patch cell touches the object's mask.
 - energy-in-box: heat inside the object's box / all heat, on the upsampled map `explain` returns.
 Cost: per heatmap, each method timed side by side with a plain forward (`bundle.encode_images` under
@@ -41,7 +43,7 @@ from concepts import cell_box, hits  # noqa: E402
 from interactive_seg import held_out_seed  # noqa: E402
 
 from clinlens.data.image_io import to_unit_rgb  # noqa: E402
-from clinlens.data.phantoms import CHEST_FINDINGS, DERM_SPATIAL, make_chest, make_derm, mask_box  # noqa: E402
+from clinlens.data.phantoms import CHEST_FINDINGS, DERM_DIAGNOSES, DERM_SPATIAL, make_chest, make_derm, mask_box  # noqa: E402
 from clinlens.explain.grad_eclip import METHODS, _upsample, explain, resolve_target  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
 
@@ -135,8 +137,20 @@ def patch_mask(order: np.ndarray, k: int, grid, size) -> np.ndarray:
 
 @torch.no_grad()
 def scores(bundle, imgs: list[np.ndarray], emb: torch.Tensor) -> np.ndarray:
+    """cos(image, emb) for a (D,) target; for a (K, D) stack, p(row 0) = softmax(logit_scale * cos)[0]."""
     pv = bundle.pixel_values(np.stack(imgs))
-    return (bundle.encode_images(pv) @ emb.to(pv)).float().cpu().numpy()
+    cos = bundle.encode_images(pv) @ emb.to(pv).T
+    if emb.ndim == 1:
+        return cos.float().cpu().numpy()
+    return (bundle.logit_scale.to(cos) * cos).softmax(-1)[:, 0].float().cpu().numpy()
+
+
+def rivals(text: str) -> list[str]:
+    """What a target competes with in the probability score: the other names of its own kind."""
+    for names in (CHEST_FINDINGS, DERM_DIAGNOSES, DERM_SPATIAL):
+        if text in names:
+            return [n for n in names if n != text]
+    raise ValueError(f"no rivals for {text!r}")
 
 
 def curves(bundle, img, base, order, grid, emb, fracs, ends) -> tuple[np.ndarray, np.ndarray]:
@@ -234,6 +248,9 @@ def main(argv=None):
     ap.add_argument("--baseline", choices=("blur", "mean"), default="blur",
                     help="what deleted patches become: a Gaussian-blurred copy, or the image's mean colour")
     ap.add_argument("--blur", type=float, default=8.0, help="sigma (px) of the blurred baseline image")
+    ap.add_argument("--score", choices=("cosine", "probability"), default="cosine",
+                    help="deletion/insertion score: the explained cosine, or the target's probability among its rivals")
+    ap.add_argument("--no-cost", action="store_true", help="skip the cost tables (faithfulness and localisation only)")
     ap.add_argument("--cost-objects", type=int, default=12, help="objects timed for the cost table")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per method and object")
     ap.add_argument("--threads", type=int, default=1)
@@ -257,7 +274,13 @@ def main(argv=None):
             pv = bundle.pixel_values(img)
             base = (ndi.gaussian_filter(img, sigma=(a.blur, a.blur, 0)) if a.baseline == "blur"
                     else np.broadcast_to(img.mean((0, 1)), img.shape).astype(img.dtype))
-            ends = scores(bundle, [img, base], tgt.embedding)
+            if a.score == "probability":
+                for o in rivals(text):
+                    targets.setdefault(o, resolve_target(bundle, o))
+                emb_eval = torch.stack([tgt.embedding] + [targets[o].embedding for o in rivals(text)])
+            else:
+                emb_eval = tgt.embedding
+            ends = scores(bundle, [img, base], emb_eval)
             base_pv = bundle.pixel_values(base)
             row = {"id": oid, "family": fam, "target": text, "mask_px": int(mask.sum()),
                    "box_share": float((box[2] - box[0]) * (box[3] - box[1]) / mask.size),
@@ -267,12 +290,12 @@ def main(argv=None):
                 rng = np.random.default_rng([held_out_seed(0), len(rows), ALL.index(meth)])
                 h, up, out = heatmap(bundle, meth, pv, img, tgt, rng, grid or (14, 14), base_pv)
                 grid = h.shape
-                if out is not None and out["cosine"] is not None:
+                if out is not None and out["cosine"] is not None and a.score == "cosine":
                     cos_check.append(abs(out["cosine"] - float(ends[0])))
                 if out is not None and out["explained_cosine"] is not None:
                     sh_gap.append(abs(out["explained_cosine"] - out["cosine"]))
                 order = ranking(h, rng)
-                d, i = curves(bundle, img, base, order, grid, tgt.embedding, fracs, ends)
+                d, i = curves(bundle, img, base, order, grid, emb_eval, fracs, ends)
                 peak = cell_box(int(np.argmax(h)), grid, a.size)
                 row["methods"][meth] = {"deletion_auc": auc(d, fracs), "insertion_auc": auc(i, fracs),
                                         "pointing": bool(h.max() > 0 and hits(peak, mask)),
@@ -285,9 +308,9 @@ def main(argv=None):
                 cost_items.append((img, tgt.embedding, fam))
         print(f"{fam}: {sum(r['family'] == fam for r in rows)} objects, {time.time() - t_start:.0f}s", flush=True)
     t_faith = time.time() - t_start
-    cost = time_costs(bundle, cost_items, a.repeats, held_out_seed(1))
+    cost = None if a.no_cost else time_costs(bundle, cost_items, a.repeats, held_out_seed(1))
     cost_b16 = None
-    if a.vitb_objects:
+    if a.vitb_objects and not a.no_cost:
         vb = vit_b16_bundle()
         emb = torch.nn.functional.normalize(torch.randn(vb.model.config.projection_dim, generator=torch.Generator().manual_seed(0)), dim=0)
         cost_b16 = time_costs(vb, [(img, emb, fam) for img, _, fam in cost_items[:a.vitb_objects]], a.vitb_repeats,
@@ -340,13 +363,17 @@ def main(argv=None):
              "entropy on the image. Random map: uniform noise on the patch grid.",
              f"- deletion / insertion: patches ranked by heat (ties random), the top {a.step:.0%}, "
              f"{2 * a.step:.0%}, ..., 100% replaced by {base_txt} / pasted onto "
-             "it; score = cos(image, target) via `encode_images`; AUC over the patch fraction (trapezoid). "
-             f"Mean cosine of the intact image {ref['cosine']:.3f}, of the baseline image {ref['blur_cosine']:.3f}.",
+             "it; score = " + ("cos(image, target) via `encode_images`" if a.score == "cosine" else
+                              "p(target) = softmax(logit scale x cos) over the target and its rivals (the family's "
+                              "other findings / diagnoses / concepts), via `encode_images`")
+             + "; AUC over the patch fraction (trapezoid). "
+             f"Mean score of the intact image {ref['cosine']:.3f}, of the baseline image {ref['blur_cosine']:.3f}.",
              "- pointing game: the heatmap's peak patch cell touches the object mask (an all-zero map counts as a "
              f"miss); chance for a uniformly random cell = {ref['pointing_chance']:.3f}. Energy-in-box: heat of "
              f"the upsampled map inside the object's box / total; a uniform map gives the box's area share "
              f"{ref['box_share']:.3f}.",
-             f"- sanity: |explain cosine - benchmark score of the intact image| <= {max(cos_check):.1e}; the "
+             "- sanity: |explain cosine - benchmark cosine of the intact image| "
+             + (f"<= {max(cos_check):.1e}" if cos_check else "not checked (probability score)") + "; the "
              f"single-head baseline explains a pass whose cosine differs from the real one by {np.mean(sh_gap):.3f} "
              "on average.", "",
              f"## Faithfulness and localisation (all {len(rows)} objects; mean, 95% bootstrap CI)", "",
@@ -374,7 +401,13 @@ def main(argv=None):
                 p = paired[f"{ours} vs {other}: {k}"]
                 cells.append(f"{p['mean_gain']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]")
             lines.append(f"| {LABEL[ours]} vs {LABEL[other]} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Cost (median over {len(cost_items)} objects x {a.repeats} interleaved repeats, threads {a.threads})", "",
+    if cost is not None:
+        lines += cost_lines(a, cost, cost_b16, cost_items)
+    return finish(a, lines, rows, cost, cost_b16, beats, paired, summary, ci, fracs, cos_check, sh_gap, t_start, t_faith)
+
+
+def cost_lines(a, cost, cost_b16, cost_items) -> list[str]:
+    lines = ["", f"## Cost (median over {len(cost_items)} objects x {a.repeats} interleaved repeats, threads {a.threads})", "",
               "| method | ms per heatmap | ratio to a plain forward (no_grad) |",
               "|---|---|---|"]
     for k in ["forward"] + TIMED:
@@ -395,14 +428,29 @@ def main(argv=None):
         lines += ["", "- the default model's forward (2M parameters) takes a few ms, so the fixed cost of the "
                   "entropy map weighs more there than at a clinical model size."]
 
+    return lines
+
+
+def finish(a, lines, rows, cost, cost_b16, beats, paired, summary, ci, fracs, cos_check, sh_gap, t_start, t_faith):
     # ---- targets
     parts = []
     for other in ("gradcam", "attention", "random"):
         got = {k: beats(other, k) for k in ("deletion_auc", "insertion_auc", "pointing")}
         parts.append(f"vs {LABEL[other]}: " + ", ".join(
             f"{k.replace('_auc', '')} {'+'.join(v) if v else 'neither'}" for k, v in got.items()))
-    cheap = [m for m in ("medgrad", "grad_eclip") if cost[m]["ratio_to_forward"] <= 1.5]
     gc_ok = all(beats("gradcam", k) for k in ("deletion_auc", "insertion_auc", "pointing"))
+    lines += ["", "## Targets", "",
+              "- \"MedGrad or Grad-ECLIP beats Grad-CAM on deletion, insertion and pointing game\": "
+              f"**{'met' if gc_ok else 'missed'}** (significant paired wins, 95% CI above 0). All comparisons: "
+              + "; ".join(parts) + "."]
+    if cost is not None:
+        lines += cost_targets(cost, cost_b16)
+    lines += ["", f"Run time: {time.time() - t_start:.0f}s ({t_faith:.0f}s faithfulness/localisation).", ""]
+    write(a, lines, rows, cost, cost_b16, paired, summary, ci, fracs, cos_check, sh_gap)
+
+
+def cost_targets(cost, cost_b16) -> list[str]:
+    cheap = [m for m in ("medgrad", "grad_eclip") if cost[m]["ratio_to_forward"] <= 1.5]
     ig_ratio = cost["integrated_gradients"]["median_ms"] / cost["medgrad"]["median_ms"]
     ig_ok = ig_ratio >= 20
     b16 = ""
@@ -412,16 +460,14 @@ def main(argv=None):
                f"{cost_b16['grad_eclip']['ratio_to_forward']:.2f}x a forward, IG {b16_ig:.1f}x MedGrad")
     verdict = ("met" if len(cheap) == 2 else "missed" if not cheap else
                f"met for {LABEL[cheap[0]]} only, missed for {LABEL[({'medgrad', 'grad_eclip'} - set(cheap)).pop()]}")
-    lines += ["", "## Targets", "",
-              "- \"MedGrad or Grad-ECLIP beats Grad-CAM on deletion, insertion and pointing game\": "
-              f"**{'met' if gc_ok else 'missed'}** (significant paired wins, 95% CI above 0). All comparisons: "
-              + "; ".join(parts) + ".",
-              f"- \"IntegratedGradients is >= 20x slower than ours\": **{'met' if ig_ok else 'missed'}** "
+    return [f"- \"IntegratedGradients is >= 20x slower than ours\": **{'met' if ig_ok else 'missed'}** "
               f"(IG {cost['integrated_gradients']['median_ms']:.0f} ms = {ig_ratio:.1f}x MedGrad on the default model{b16}).",
               f"- \"A heatmap costs <= 1.5x a forward pass\": **{verdict}** "
               f"(MedGrad {cost['medgrad']['ratio_to_forward']:.2f}x, Grad-ECLIP "
-              f"{cost['grad_eclip']['ratio_to_forward']:.2f}x a plain no_grad forward on the default model{b16}).",
-              "", f"Run time: {time.time() - t_start:.0f}s ({t_faith:.0f}s faithfulness/localisation).", ""]
+              f"{cost['grad_eclip']['ratio_to_forward']:.2f}x a plain no_grad forward on the default model{b16})."]
+
+
+def write(a, lines, rows, cost, cost_b16, paired, summary, ci, fracs, cos_check, sh_gap):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines))
@@ -430,7 +476,8 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps({
         "args": vars(a), "fractions": fracs.tolist(), "summary": summary, "ci95": ci, "paired": paired,
         "cost": cost, "cost_vit_b16": cost_b16, "mean_curves": mean_curves,
-        "sanity": {"max_cosine_gap": float(max(cos_check)), "single_head_mean_cosine_gap": float(np.mean(sh_gap))},
+        "sanity": {"max_cosine_gap": float(max(cos_check)) if cos_check else None,
+                   "single_head_mean_cosine_gap": float(np.mean(sh_gap))},
         "objects": [{k: v for k, v in r.items() if k != "methods"} |
                     {"methods": {m: {k: v for k, v in d.items() if k not in ("deletion", "insertion")}
                                  for m, d in r["methods"].items()}} for r in rows]}, indent=1))
