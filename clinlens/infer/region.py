@@ -25,7 +25,7 @@ from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import ClinlensInfer, family_of, upload_path
 from clinlens.models.region_clip import region_path
 from clinlens.models.region_predictor import RegionPredictor
-from clinlens.models.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, ZeroShotScorer
+from clinlens.models.zeroshot import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES
 
 
 class LazyRegion:
@@ -199,9 +199,9 @@ class TextSegInfer(_RegionTask):
             rows += [bundle.encode_texts([t.format(o) for t in POSITIVE_TEMPLATES]).mean(0) for o in others]
         return torch.stack(rows).float().cpu()
 
-    def _best_on(self, pred, plane, key, k, text):
+    def _best_on(self, pred, plane, key, k, text, fractions=(0.5, 0.25)):
         best = None
-        for box in candidate_boxes(*plane.shape[:2]):
+        for box in candidate_boxes(*plane.shape[:2], fractions=fractions):
             res = pred.predict(plane, key, box=box, slice=k)
             if not res["mask"].any():
                 continue
@@ -211,13 +211,18 @@ class TextSegInfer(_RegionTask):
                 best = (p, res)
         return best
 
-    @staticmethod
-    def _likely_slices(bundle, image, prompt: str, keep: int = 2) -> list[int]:
-        """Volumes: rank every slice by whole-slice zero-shot p(prompt) and search the best few."""
-        planes = np.stack([to_unit_rgb(s) for s in image.array])
-        with torch.no_grad():
-            p = ZeroShotScorer(bundle, [prompt])(bundle.pixel_values(planes))[:, 0].float().cpu().numpy()
-        return [int(k) for k in np.argsort(-p)[:keep]]
+    def _likely_slices(self, pred, image, key, text, keep: int = 2, max_slices: int = 32) -> list[int]:
+        """Volumes: scan (at most `max_slices` evenly spaced) slices with the coarse boxes only, rank them by
+        their best region's p(prompt), and search the best few finely. (Ranking by whole-slice zero-shot
+        p picked the end slices of nearly every CT phantom: a truth slice among the top 2 in 7% of
+        findings, against 40% for this scan.)"""
+        depth = image.spatial_shape[0]
+        ks = np.unique(np.linspace(0, depth - 1, min(depth, max_slices)).round().astype(int))
+        p = []
+        for k in ks:
+            best = self._best_on(pred, to_unit_rgb(image.array[k]), key, int(k), text, fractions=(0.5,))
+            p.append(best[0] if best else 0.0)
+        return [int(ks[i]) for i in np.argsort(-np.asarray(p), kind="stable")[:keep]]
 
     def run(self, request, image):
         prompt = request.get("prompt") or self._config["prompt"][0]
@@ -245,7 +250,8 @@ class TextSegInfer(_RegionTask):
         text = self._text(pred.bundle, prompt.strip(), others)
         t0 = time.perf_counter()
         volume = len(image.spatial_shape) == 3 and not image.is_rgb
-        slices = [p.slice] if (p.slice is not None or not volume) else self._likely_slices(pred.bundle, image, prompt)
+        slices = ([p.slice] if (p.slice is not None or not volume)
+                  else self._likely_slices(pred, image, request["image"], text))
         best, best_k = None, None
         for k in slices:
             plane = to_unit_rgb(slice_2d(image.array, k, image.is_rgb))
