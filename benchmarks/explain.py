@@ -403,10 +403,38 @@ def main(argv=None):
             lines.append(f"| {LABEL[ours]} vs {LABEL[other]} | " + " | ".join(cells) + " |")
     if cost is not None:
         lines += cost_lines(a, cost, cost_b16, cost_items)
-    return finish(a, lines, rows, cost, cost_b16, beats, paired, summary, ci, fracs, cos_check, sh_gap, t_start, t_faith)
+    # ---- targets
+    parts = []
+    for other in ("gradcam", "attention", "random"):
+        got = {k: beats(other, k) for k in ("deletion_auc", "insertion_auc", "pointing")}
+        parts.append(f"vs {LABEL[other]}: " + ", ".join(
+            f"{k.replace('_auc', '')} {'+'.join(v) if v else 'neither'}" for k, v in got.items()))
+    gc_ok = all(beats("gradcam", k) for k in ("deletion_auc", "insertion_auc", "pointing"))
+    lines += ["", "## Targets", "",
+              "- \"MedGrad or Grad-ECLIP beats Grad-CAM on deletion, insertion and pointing game\": "
+              f"**{'met' if gc_ok else 'missed'}** (significant paired wins, 95% CI above 0). All comparisons: "
+              + "; ".join(parts) + "."]
+    if cost is not None:
+        lines += cost_targets(cost, cost_b16)
+    lines += ["", f"Run time: {time.time() - t_start:.0f}s ({t_faith:.0f}s faithfulness/localisation).", ""]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines))
+    mean_curves = {m: {k: np.mean([r["methods"][m][k] for r in rows], 0).tolist() for k in ("deletion", "insertion")}
+                   for m in ALL}
+    out.with_suffix(".json").write_text(json.dumps({
+        "args": vars(a), "fractions": fracs.tolist(), "summary": summary, "ci95": ci, "paired": paired,
+        "cost": cost, "cost_vit_b16": cost_b16, "mean_curves": mean_curves,
+        "sanity": {"max_cosine_gap": float(max(cos_check)) if cos_check else None,
+                   "single_head_mean_cosine_gap": float(np.mean(sh_gap))},
+        "objects": [{k: v for k, v in r.items() if k != "methods"} |
+                    {"methods": {m: {k: v for k, v in d.items() if k not in ("deletion", "insertion")}
+                                 for m, d in r["methods"].items()}} for r in rows]}, indent=1))
+    print("\n".join(lines))
 
 
 def cost_lines(a, cost, cost_b16, cost_items) -> list[str]:
+    """The cost tables (default model, and ViT-B/16 size when measured)."""
     lines = ["", f"## Cost (median over {len(cost_items)} objects x {a.repeats} interleaved repeats, threads {a.threads})", "",
               "| method | ms per heatmap | ratio to a plain forward (no_grad) |",
               "|---|---|---|"]
@@ -427,29 +455,11 @@ def cost_lines(a, cost, cost_b16, cost_items) -> list[str]:
             lines.append(f"| {name} | {c['median_ms']:.1f} | {c['ratio_to_forward']:.2f}x |")
         lines += ["", "- the default model's forward (2M parameters) takes a few ms, so the fixed cost of the "
                   "entropy map weighs more there than at a clinical model size."]
-
     return lines
 
 
-def finish(a, lines, rows, cost, cost_b16, beats, paired, summary, ci, fracs, cos_check, sh_gap, t_start, t_faith):
-    # ---- targets
-    parts = []
-    for other in ("gradcam", "attention", "random"):
-        got = {k: beats(other, k) for k in ("deletion_auc", "insertion_auc", "pointing")}
-        parts.append(f"vs {LABEL[other]}: " + ", ".join(
-            f"{k.replace('_auc', '')} {'+'.join(v) if v else 'neither'}" for k, v in got.items()))
-    gc_ok = all(beats("gradcam", k) for k in ("deletion_auc", "insertion_auc", "pointing"))
-    lines += ["", "## Targets", "",
-              "- \"MedGrad or Grad-ECLIP beats Grad-CAM on deletion, insertion and pointing game\": "
-              f"**{'met' if gc_ok else 'missed'}** (significant paired wins, 95% CI above 0). All comparisons: "
-              + "; ".join(parts) + "."]
-    if cost is not None:
-        lines += cost_targets(cost, cost_b16)
-    lines += ["", f"Run time: {time.time() - t_start:.0f}s ({t_faith:.0f}s faithfulness/localisation).", ""]
-    write(a, lines, rows, cost, cost_b16, paired, summary, ci, fracs, cos_check, sh_gap)
-
-
 def cost_targets(cost, cost_b16) -> list[str]:
+    """The two cost target lines."""
     cheap = [m for m in ("medgrad", "grad_eclip") if cost[m]["ratio_to_forward"] <= 1.5]
     ig_ratio = cost["integrated_gradients"]["median_ms"] / cost["medgrad"]["median_ms"]
     ig_ok = ig_ratio >= 20
@@ -461,27 +471,10 @@ def cost_targets(cost, cost_b16) -> list[str]:
     verdict = ("met" if len(cheap) == 2 else "missed" if not cheap else
                f"met for {LABEL[cheap[0]]} only, missed for {LABEL[({'medgrad', 'grad_eclip'} - set(cheap)).pop()]}")
     return [f"- \"IntegratedGradients is >= 20x slower than ours\": **{'met' if ig_ok else 'missed'}** "
-              f"(IG {cost['integrated_gradients']['median_ms']:.0f} ms = {ig_ratio:.1f}x MedGrad on the default model{b16}).",
+            f"(IG {cost['integrated_gradients']['median_ms']:.0f} ms = {ig_ratio:.1f}x MedGrad on the default model{b16}).",
               f"- \"A heatmap costs <= 1.5x a forward pass\": **{verdict}** "
               f"(MedGrad {cost['medgrad']['ratio_to_forward']:.2f}x, Grad-ECLIP "
               f"{cost['grad_eclip']['ratio_to_forward']:.2f}x a plain no_grad forward on the default model{b16})."]
-
-
-def write(a, lines, rows, cost, cost_b16, paired, summary, ci, fracs, cos_check, sh_gap):
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    mean_curves = {m: {k: np.mean([r["methods"][m][k] for r in rows], 0).tolist() for k in ("deletion", "insertion")}
-                   for m in ALL}
-    out.with_suffix(".json").write_text(json.dumps({
-        "args": vars(a), "fractions": fracs.tolist(), "summary": summary, "ci95": ci, "paired": paired,
-        "cost": cost, "cost_vit_b16": cost_b16, "mean_curves": mean_curves,
-        "sanity": {"max_cosine_gap": float(max(cos_check)) if cos_check else None,
-                   "single_head_mean_cosine_gap": float(np.mean(sh_gap))},
-        "objects": [{k: v for k, v in r.items() if k != "methods"} |
-                    {"methods": {m: {k: v for k, v in d.items() if k not in ("deletion", "insertion")}
-                                 for m, d in r["methods"].items()}} for r in rows]}, indent=1))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

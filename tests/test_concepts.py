@@ -217,6 +217,13 @@ def test_train_task_prunes_the_prototypes_firing_on_a_drawn_marker(studies, tmp_
     # the prototypes left never peak on the marker (share 0): pruning took exactly those that did
     feats = trained.features(torch.cat([bundle.pixel_values(it[1]) for it in marked]))
     assert float(trained.firing_rates(feats, [masks[it[0]] for it in marked]).max()) == 0.0
+    # bad requests are refused before any training: a segment nobody drew, a share outside [0, 1)
+    before = csr.path("derm").read_bytes()
+    with pytest.raises(ValueError, match="no final label has a segment named 'ruler'"):
+        task({"steps": 1, "prune_firing_on": "ruler"}, ds)
+    with pytest.raises(ValueError, match="'fire_share' must be in"):
+        task({"steps": 1, "prune_firing_on": "text marker", "fire_share": 1.5}, ds)
+    assert csr.path("derm").read_bytes() == before
     # a region everywhere: every prototype fires on it, and the task says so instead of pruning them all
     draw(derm[0], (0, 10_000, 0, 10_000))
     with pytest.raises(ValueError, match="every prototype fires"):

@@ -117,3 +117,14 @@ def test_number_option_parses_viewer_strings_and_names_bad_values():
         number_option({"levels": "many"}, "levels", 4, int)
     with pytest.raises(RequestError, match=r"'alpha' must be in \[0, 1\], got 2.0"):
         number_option({"alpha": 2}, "alpha", 0.2, float, 0, 1)
+
+
+def test_choice_option_takes_slicers_untouched_list_and_names_bad_values():
+    from clinlens.data.conventions import RequestError, choice_option
+
+    assert choice_option({"contrast": ["vocabulary", "negation"]}, "contrast", "x") == "vocabulary"  # Slicer's box
+    assert choice_option({"contrast": []}, "contrast", "negation") == "negation"
+    assert choice_option({}, "method", "medgrad", ("medgrad", "grad_eclip")) == "medgrad"
+    assert choice_option({"method": "grad_eclip"}, "method", "medgrad", ("medgrad", "grad_eclip")) == "grad_eclip"
+    with pytest.raises(RequestError, match=r"'method' must be one of \['medgrad', 'grad_eclip'\], got 'gradcam'"):
+        choice_option({"method": "gradcam"}, "method", "medgrad", ("medgrad", "grad_eclip"))

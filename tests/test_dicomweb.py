@@ -36,25 +36,31 @@ def nrrd_mask(content: bytes, tmp: Path) -> np.ndarray:
     return arr
 
 
+def ct_study(root: Path, n_chest: int = 0, n_derm: int = 0) -> tuple[dict, Path]:
+    """A labelled studies folder under `root` with one 24x96x128 CT phantom: (its index entry, its DICOM folder)."""
+    from clinlens.data.studies import make_studies
+
+    make_studies(root / "studies", n_chest=n_chest, n_derm=n_derm, n_ct=1, labelled_fraction=1.0, seed=11,
+                 ct_shape=(24, 96, 128), progress=False)
+    ct = json.loads((root / "studies" / "clinlens" / "ct_000.json").read_text())
+    return ct, root / "studies" / ct["dicom"]["folder"]
+
+
 @pytest.fixture(scope="module")
 def dw(tmp_path_factory):
     why = orthanc_available()
     if why:
         pytest.fail(f"Orthanc is needed for the DICOMweb tests: {why}")
-    from clinlens.data.studies import make_studies
-
     root = tmp_path_factory.mktemp("dicomweb")
-    make_studies(root / "studies", n_chest=1, n_derm=1, n_ct=1, labelled_fraction=1.0, seed=11,
-                 ct_shape=(24, 96, 128), progress=False)
-    ct = json.loads((root / "studies" / "clinlens" / "ct_000.json").read_text())
+    ct, folder = ct_study(root, n_chest=1, n_derm=1)
     with Orthanc(root / "orthanc") as o:
-        o.store(sorted((root / "studies" / ct["dicom"]["folder"]).glob("*.dcm")))
+        o.store(sorted(folder.glob("*.dcm")))
         o.store(sorted(CT5N.iterdir()))
         env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")}
         with Server(o.dicomweb_url, log_path=root / "server.log", env=env,
                     conf={"model_dir": root / "model"}) as s:
             s.orthanc, s.root, s.ct = o, root, ct
-            s.ct_uid = series_uid(root / "studies" / ct["dicom"]["folder"])
+            s.ct_uid = series_uid(folder)
             yield s
     print(f"server log: {root / 'server.log'}")
 

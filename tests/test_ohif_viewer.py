@@ -8,7 +8,6 @@ the red overlay on the screen must coincide with the SEG's own mask on the displ
 to the screen by the viewport's `worldToCanvas` from the DICOM geometry.
 """
 import io
-import json
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from clinlens.batch.run import run_batch
 from clinlens.data.dicom_seg import read_seg, sorted_series_files
 from clinlens.orthanc import Orthanc, orthanc_available
 from clinlens.server import Server
+from test_dicomweb import ct_study
 
 CHROMIUM = ("chromium-headless-shell", "chromium")
 PROMPT = "lung nodule"
@@ -39,13 +39,8 @@ def stowed(tmp_path_factory):
     why = orthanc_available()
     if why:
         pytest.fail(f"Orthanc is needed for the OHIF test: {why}")
-    from clinlens.data.studies import make_studies
-
     root = tmp_path_factory.mktemp("ohif")
-    make_studies(root / "studies", n_chest=0, n_derm=0, n_ct=1, labelled_fraction=1.0, seed=11,
-                 ct_shape=(24, 96, 128), progress=False)
-    ct = json.loads((root / "studies" / "clinlens" / "ct_000.json").read_text())
-    folder = root / "studies" / ct["dicom"]["folder"]
+    _, folder = ct_study(root)
     with Orthanc(root / "orthanc") as o:
         o.store(sorted(folder.glob("*.dcm")))
         res = run_batch(o.dicomweb_url, root / "batch", BatchConfig(out_dir=str(root / "batch"), prompts=(PROMPT,)),

@@ -38,6 +38,17 @@ def number_option(request: dict, key: str, default, kind=float, lo=None, hi=None
     return x
 
 
+def choice_option(request: dict, key: str, default, choices=None):
+    """A choice option. Slicer sends the config's whole choice list back when it is left untouched, so
+    a list means its first entry; with `choices`, any other value is a RequestError naming them."""
+    value = request.get(key) or default
+    if isinstance(value, list):
+        value = value[0] if value else default
+    if choices is not None and value not in choices:
+        raise RequestError(f"'{key}' must be one of {list(choices)}, got {value!r}")
+    return value
+
+
 def ijk_to_index(point) -> tuple[int, ...]:
     """Viewer IJK -> numpy array index (reversed order)."""
     return tuple(int(v) for v in reversed(list(point)))

@@ -15,7 +15,7 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from scipy import ndimage as ndi
 
-from clinlens.data.conventions import RequestError, number_option, parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import RequestError, choice_option, number_option, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import file_ext, to_unit_rgb
 from clinlens.explain.grad_eclip import METHODS, explain, explain_volume
 from clinlens.infer.base import ClinlensInfer
@@ -60,14 +60,10 @@ class ExplainInfer(ClinlensInfer):
                 raise RequestError("'prompt' is empty: give a finding, a concept or free text")
             target = prompt.strip()
         else:
-            target = request.get("target") or self.targets[0]
-            if isinstance(target, list):
-                target = target[0] if target else self.targets[0]
+            target = choice_option(request, "target", self.targets[0])
             if target not in self.targets:
                 raise RequestError(f"unknown target {target!r}; choose from {self.targets} or send free text as 'prompt'")
-        method = request.get("method") or "medgrad"
-        if isinstance(method, list):
-            method = method[0]
+        method = choice_option(request, "method", "medgrad")
         radius = number_option(request, "radius", self._config["radius"])
         if radius <= 0:
             raise RequestError(f"'radius' must be > 0 (entropy disk radius in px), got {radius}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from clinlens.data.conventions import RequestError, number_option, parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import RequestError, choice_option, number_option, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import ClinlensInfer, family_of, upload_path
 from clinlens.models.region_clip import region_path
@@ -225,9 +225,7 @@ class TextSegInfer(_RegionTask):
         return [int(ks[i]) for i in np.argsort(-np.asarray(p), kind="stable")[:keep]]
 
     def run(self, request, image):
-        prompt = request.get("prompt") or self._config["prompt"][0]
-        if isinstance(prompt, list):
-            prompt = prompt[0] if prompt else self._config["prompt"][0]
+        prompt = choice_option(request, "prompt", self._config["prompt"][0])
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("'prompt' must be a finding name or free text")
         from clinlens.text.negation import NEGATED, parse_prompt
@@ -239,11 +237,7 @@ class TextSegInfer(_RegionTask):
         if polarity == NEGATED:
             raise RequestError(f"'{prompt}' is negated: there is no region to segment; ask for '{finding}' "
                                "(or use zeroshot, which scores negated prompts)")
-        contrast = request.get("contrast") or TEXT_SEG_CONTRASTS[0]
-        if isinstance(contrast, list):  # Slicer sends the config's choice list back when untouched
-            contrast = contrast[0] if contrast else TEXT_SEG_CONTRASTS[0]
-        if contrast not in TEXT_SEG_CONTRASTS:
-            raise RequestError(f"'contrast' must be one of {list(TEXT_SEG_CONTRASTS)}, got {contrast!r}")
+        contrast = choice_option(request, "contrast", TEXT_SEG_CONTRASTS[0], TEXT_SEG_CONTRASTS)
         p = parse_prompts(request, image.size_ijk, dimension=2)
         pred = self.region.get()
         others = competitors(self.vocab[family_of(image)], finding) if contrast == "vocabulary" else []

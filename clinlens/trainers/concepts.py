@@ -154,6 +154,8 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     torch.manual_seed(seed)
     if not items:
         raise ValueError("no training items")
+    if prune_firing_on and not 0.0 <= float(fire_share) < 1.0:
+        raise ValueError(f"fire_share must be in [0, 1), got {fire_share}")
     model = (CSRModel.load(bundle, init) if init else CSRModel.from_bundle(bundle, concepts, classes, **cfg))
     model.train()
     feats, y, cls, regions = _tensors(bundle, model, items)

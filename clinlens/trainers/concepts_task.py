@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from clinlens.activelearning.feedback import FEEDBACK_KEY, canonical_name, pruned_by_family
+from clinlens.data.conventions import number_option
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import family_of
 from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, train_csr
@@ -100,7 +101,11 @@ class ConceptsTrain(StatsTrainTask):
         conf = self.options(request)
         prune = {f: [int(i) for i in ids] for f, ids in (conf["prune"] if isinstance(conf["prune"], dict) else {}).items()}
         firing_on = str(conf.get("prune_firing_on") or "").strip().lower() or None
+        fire_share = number_option(conf, "fire_share", 0.5, float, 0, 0.999)
         per_family = datastore_items(datastore, self.labels, firing_on)
+        if firing_on and not any(firing_on in it[4] for items in per_family.values() for it in items):
+            raise ValueError(f"prune_firing_on: no final label has a segment named {firing_on!r}; draw it on the "
+                             "images where the artefact sits and save them first")
         for fam, ids in stored_pruning(datastore, self.csr).items():  # feedback: pruned prototypes stay pruned
             prune[fam] = sorted(set(prune.get(fam, [])) | set(ids))
         if not per_family and not prune:
@@ -118,7 +123,7 @@ class ConceptsTrain(StatsTrainTask):
                                        init=init if init.is_file() else None,
                                        prune=prune.get(fam, []),
                                        prune_firing_on=firing_on if any(firing_on in it[4] for it in items) else None,
-                                       fire_share=float(conf["fire_share"]),
+                                       fire_share=fire_share,
                                        extra={"source": "datastore", "family": fam})
             if self.prompts is not None and any(it[3] in classes for it in items):
                 pinit = self.prompts.path(fam)
