@@ -169,8 +169,27 @@ def test_box_importance_maps_and_rescoring(bundle, derm):
     a = m.importance_map([[0, 0, 112, 112]], [[0, 0, 32, 32]], 0.5)
     assert torch.allclose(out["proto_scores"], ((base["sim_maps"] + 1) * a).flatten(2).amax(-1) - 1)
     assert not torch.allclose(out["proto_scores"], base["proto_scores"])
-    assert torch.allclose(out["logits"], out["proto_scores"] @ m.task_w.T + m.task_b)
     assert bool((m(pv, neg_boxes=[0, 0, 224, 224])["proto_scores"] == -1).all())  # nothing left to look at
+    # the head reads the boxed scores recentred by their mean drop: only the relative change is evidence
+    drop = base["proto_scores"] - out["proto_scores"]
+    assert float(drop.mean()) > 0 and bool((drop >= -1e-6).all())  # a focus never raises a score here
+    torch.testing.assert_close(out["head_scores"], out["proto_scores"] + drop.mean(1, keepdim=True))
+    torch.testing.assert_close(out["logits"], out["head_scores"] @ m.task_w.T + m.task_b)
+    torch.testing.assert_close(base["head_scores"], base["proto_scores"])  # no boxes: nothing to recentre
+    # a rejected concept neither enters the head nor the mean drop
+    rej = m.concepts[0]
+    out_r = m(pv, pos_boxes=[[0, 0, 112, 112]], neg_boxes=[[0, 0, 32, 32]], alpha=0.5, reject_concepts=[rej])
+    kept = m.reject_mask([rej]).bool()
+    assert bool((out_r["head_scores"][0, ~kept] == 0).all())
+    torch.testing.assert_close(out_r["head_scores"][0, kept], out["proto_scores"][0, kept] + drop[0, kept].mean())
+    # box_recentre=False: the paper's rule, the head on the boxed scores themselves
+    m.config["box_recentre"] = False
+    try:
+        plain = m(pv, pos_boxes=[[0, 0, 112, 112]], neg_boxes=[[0, 0, 32, 32]], alpha=0.5)
+    finally:
+        m.config["box_recentre"] = True
+    torch.testing.assert_close(plain["logits"], plain["proto_scores"] @ m.task_w.T + m.task_b)
+    assert not torch.allclose(plain["logits"], out["logits"])
 
 
 def test_reject_concepts_zeroes_scores(bundle, derm):

@@ -24,6 +24,10 @@ one positive box is given, else 1 (with only negative boxes nothing is in focus,
 its weight). A weights the cosine shifted to [0, 2], `s_km = max_hw (A ⊙ (S_km + 1)) − 1`, so A = 0
 reads as "no evidence" (cosine −1) rather than cosine 0, which would lift the mostly negative maps
 (a deliberate change to the paper's `max(A ⊙ S)`; the box benchmark gains on both families with it).
+The task head then reads the boxed scores recentred by the kept prototypes' mean drop (`box_shift`;
+`box_recentre=False` is the paper's rule): a focus lowers every max, and the head, fitted on unboxed
+scores, would take that fall for evidence against the classes with most weight. The returned
+`proto_scores` stay the boxed evidence.
 `reject_concepts` zeroes those concepts' prototype scores before the task head (they drop out of the
 linear head).
 
@@ -160,7 +164,7 @@ class CSRModel(nn.Module):
                  delta: float = 0.1, margin_sign: float = 1.0, text_reg: float = 0.1, cam_pool: str = "max",
                  alpha: float = 0.2, finetune_backbone: bool = False, post_ln: bool = True,
                  proto_init_noise: float = 0.1, head_init: str = "text", detach_stages: bool = True,
-                 descriptions: Sequence[str | None] | None = None):
+                 descriptions: Sequence[str | None] | None = None, box_recentre: bool = True):
         super().__init__()
         if cam_pool not in ("max", "avg"):
             raise ValueError(f"cam_pool must be 'max' or 'avg', got {cam_pool!r}")
@@ -184,7 +188,7 @@ class CSRModel(nn.Module):
         self.config = dict(n_prototypes=n_prototypes, proj_hidden=proj_hidden, lam=lam, gamma=gamma, delta=delta,
                            margin_sign=float(margin_sign), text_reg=text_reg, cam_pool=cam_pool, alpha=alpha,
                            finetune_backbone=finetune_backbone, post_ln=post_ln, proto_init_noise=proto_init_noise,
-                           head_init=head_init, detach_stages=detach_stages)
+                           head_init=head_init, detach_stages=detach_stages, box_recentre=bool(box_recentre))
         anchors = F.normalize(torch.as_tensor(text_anchors, dtype=torch.float32).reshape(K, E), dim=-1)
         self.register_buffer("text_anchors", anchors.clone())
         # projector: CLIP's visual projection (trainable copy) + a zero-initialised MLP residual
@@ -372,10 +376,25 @@ class CSRModel(nn.Module):
         cams = self.cams(feats)
         maps = self.similarity_maps(feats)
         imp = self.importance_map(pos_boxes, neg_boxes, alpha, b)
-        scores = self.scores_from_maps(maps, imp) * self.reject_mask(reject_concepts)
+        keep = self.reject_mask(reject_concepts)
+        scores = self.scores_from_maps(maps, imp)
+        head_in = scores
+        if self.config["box_recentre"] and (pos_boxes is not None or neg_boxes is not None):
+            head_in = scores + self.box_shift(self.scores_from_maps(maps), scores, keep)
         return {"cams": cams, "concept_logits": self.pool_cams(cams), "sim_maps": maps, "importance": imp,
-                "proto_scores": scores, "concept_scores": self.concept_scores(scores),
-                "logits": scores @ self.task_w.T + self.task_b}
+                "proto_scores": scores * keep, "concept_scores": self.concept_scores(scores * keep),
+                "head_scores": head_in * keep, "logits": (head_in * keep) @ self.task_w.T + self.task_b}
+
+    @staticmethod
+    def box_shift(unboxed: torch.Tensor, boxed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, 1): the mean drop of the kept prototypes' scores under the boxes, added back before the head.
+
+        A focus restricts every max, so every score falls; the linear head, fitted on unboxed scores, would
+        read that uniform fall as a shift of each class logit by it times the class's summed weights (a
+        bias against classes with many positive weights, not evidence). Recentring keeps what the boxes
+        change relative to the other prototypes: which evidence lies in the focus."""
+        w = keep.expand_as(boxed)
+        return (((unboxed - boxed) * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1))
 
     # ------------------------------------------------------------------ training
     def losses(self, concept_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
