@@ -155,6 +155,21 @@ def test_local_entropy_flat_textured_and_radius(bundle):
             explain(bundle, image=img, target_text="nodule", radius=bad)
 
 
+def test_entropy_weights_are_kept_per_image_content():
+    rng = np.random.default_rng(5)
+    img = rng.uniform(0, 1, (224, 224)).astype(np.float32)
+    img[:, 112:] = 0.5
+    first = entropy_weights(img, (14, 14))
+    first.zero_()  # a caller scribbling on its copy does not reach the kept weights
+    again = entropy_weights(img.copy(), (14, 14))
+    fresh = F.adaptive_avg_pool2d(torch.from_numpy(local_entropy(img))[None, None], (14, 14))[0, 0]
+    torch.testing.assert_close(again, fresh / fresh.max())
+    other = img.copy()
+    other[:, 112:] = rng.uniform(0, 1, (224, 112))  # same shape, other content: recomputed
+    assert float(entropy_weights(other, (14, 14))[:, 8:].min()) > 0.5 and float(again[:, 8:].max()) == 0
+    assert not torch.equal(entropy_weights(img, (7, 7)), entropy_weights(img, (7, 7), radius=2))
+
+
 def test_local_entropy_bins_and_large_images():
     rng = np.random.default_rng(2)
     img = rng.uniform(0, 1, (224, 224)).astype(np.float32)
