@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from clinlens.explain.grad_eclip import (
-    effective_radius, entropy_weights, explain, explain_volume, last_block, local_entropy, recompute_attention,
-    resolve_target, word_importance,
+    clear_entropy_cache, effective_radius, entropy_weights, explain, explain_volume, last_block, local_entropy,
+    recompute_attention, resolve_target, word_importance,
 )
 from clinlens.text.tokenizer import words
 
@@ -266,3 +266,19 @@ def test_word_importance_real_tokens_and_determinism(bundle, pv):
     r = explain(bundle, pv, target_text=prompt)
     assert r["target"] == prompt and r["words"]["tokens"] == words(prompt)
     assert len(r["words"]["scores"]) == len(words(prompt))
+
+
+def test_medgrad_entropy_beside_the_forward_gives_the_same_map(bundle):
+    rng = np.random.default_rng(11)
+    img = rng.uniform(0, 1, (224, 224)).astype(np.float32)
+    img[:, :100] = 0.3  # flat half: entropy 0 there, so the entropy really shapes the map
+    clear_entropy_cache()
+    a = explain(bundle, image=img, target_text="nodule", words=False)
+    clear_entropy_cache()
+    b = explain(bundle, image=img, target_text="nodule", words=False, overlap_entropy=False)
+    np.testing.assert_allclose(a["heatmap"], b["heatmap"], atol=1e-6)
+    g = explain(bundle, image=img, target_text="nodule", words=False, method="grad_eclip")
+    assert not np.allclose(a["heatmap"], g["heatmap"], atol=1e-3)  # the entropy weights did multiply in
+    assert float(a["heatmap"][:, :5].max()) == 0  # columns of flat image: no entropy, no heat
+    vol = explain_volume(bundle, lambda z: img, 2, target_text="nodule", upsample=False)
+    np.testing.assert_allclose(vol["heatmaps"][0] / vol["heatmaps"][0].max(), a["heatmap"], atol=1e-5)

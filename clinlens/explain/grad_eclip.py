@@ -19,6 +19,10 @@ own projections computed, and the attention output that really entered ``out_pro
 forward pass that produced S. A zero leaf is added at that point, so ``∂S/∂leaf = ∂S/∂o`` exactly
 and the rest of the graph is unchanged. ``recompute_attention`` rebuilds the block's output from
 the captured per-head q, k, v; the tests check it equals the module's output.
+
+Cost. The blocks before the last run without an autograd graph (the gradient is only needed from the
+last block on). The entropy depends on the image only: it runs on a worker thread beside the forward,
+and an image's weights are kept (by a hash of its pixels) for the next target asked of it.
 ``method="grad_eclip_single_head"`` is the flawed baseline of the public code: it re-runs the block
 as ONE head, so it explains a different forward pass (its own cosine is ``explained_cosine``).
 
@@ -37,9 +41,11 @@ Choices where methods.md leaves room:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -489,8 +495,34 @@ def _upsample(m: torch.Tensor, size) -> torch.Tensor:
     return u.reshape(*lead, *u.shape[-2:]).clamp(0, 1)
 
 
-def _raw_maps(bundle, pv, target: Target, method, images, radius, entropy_on, medgrad_qk) -> dict:
-    """Unnormalised maps (B, h, w) for a batch of pixel values, one real forward pass."""
+_ENTROPY_POOL: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _entropy_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The worker threads of this process (a forked child gets its own: the parent's threads are not there)."""
+    global _ENTROPY_POOL
+    with _ENTROPY_LOCK:
+        if _ENTROPY_POOL is None or _ENTROPY_POOL[0] != os.getpid():
+            _ENTROPY_POOL = (os.getpid(), concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="clinlens-entropy"))
+        return _ENTROPY_POOL[1]
+
+
+def _raw_maps(bundle, pv, target: Target, method, images, radius, entropy_on, medgrad_qk,
+              overlap_entropy: bool = True) -> dict:
+    """Unnormalised maps (B, h, w) for a batch of pixel values, one real forward pass.
+
+    MedGrad's image entropy depends on the image only: with `overlap_entropy` it is computed on a worker
+    thread while the forward and backward run (scikit-image's rank filters release the GIL)."""
+    pending = None
+    if method == "medgrad" and entropy_on == "image":
+        srcs = images if images is not None else _images_from_pixels(bundle, pv)
+        patch = bundle.model.config.vision_config.patch_size
+        grid = (pv.shape[-2] // patch, pv.shape[-1] // patch)
+        job = lambda: torch.stack([entropy_weights(s, grid, radius).flatten() for s in srcs])  # noqa: E731
+        pending = _entropy_pool().submit(job) if overlap_entropy else None
+        if pending is None:
+            we = job()
     lb = last_block(bundle, pv, target.embedding)
     grid = lb.grid
     explained = None
@@ -504,13 +536,12 @@ def _raw_maps(bundle, pv, target: Target, method, images, radius, entropy_on, me
         base = grad_eclip_map(lb)
         raw = grad_eclip_map(lb, use_qk=False) if not medgrad_qk else base
         if entropy_on == "image":
-            srcs = images if images is not None else _images_from_pixels(bundle, pv)
+            we = pending.result() if pending is not None else we
         else:  # entropy of the Grad-ECLIP heatmap, upsampled to the model input
             hm = base.view(-1, *grid).cpu()
             hm = hm / hm.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-            srcs = list(_upsample(hm, pv.shape[-2:]).numpy())
-        we = torch.stack([entropy_weights(s, grid, radius).flatten() for s in srcs]).to(raw)
-        raw = raw * we
+            we = torch.stack([entropy_weights(s, grid, radius).flatten() for s in _upsample(hm, pv.shape[-2:]).numpy()])
+        raw = raw * we.to(raw)
     return dict(raw=raw.detach().float().cpu().view(-1, *grid), grid=grid, lb=lb, explained=explained)
 
 
@@ -531,7 +562,7 @@ def _pixels(bundle, pixel_values, image) -> torch.Tensor:
 def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str | None = None, target_embedding=None,
             method: str = "medgrad", radius: float = 5.0, entropy_on: str = "image", image=None, *,
             templates=POSITIVE_TEMPLATES, words: bool = True, text_layers: int | None = None,
-            medgrad_qk: bool = True, size=None) -> dict:
+            medgrad_qk: bool = True, size=None, overlap_entropy: bool = True) -> dict:
     """Explain one image's match with a target.
 
     `pixel_values` (1, 3, S, S) as from `bundle.pixel_values`, or only `image` ((H, W) or (H, W, 3) in
@@ -545,6 +576,8 @@ def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str |
     explained_cosine (single-head only: the cosine of the pass it explains), negated, prompt, target
     (the finding text explained: the affirmed one for a negated prompt; None for an embedding), scale (the max before normalising), method, entropy_on, radius_px,
     words ({"tokens", "scores"} for a text target when `words`, else None).
+    `overlap_entropy`: MedGrad computes the image entropy on a worker thread beside the forward pass
+    (the same result; False computes it first, in the calling thread).
     """
     _check(method, radius, entropy_on)
     target = resolve_target(bundle, target_text, target_embedding, templates, required=method != "attention")
@@ -552,7 +585,8 @@ def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str |
     if pv.shape[0] != 1:
         raise ValueError(f"explain takes one image, got a batch of {pv.shape[0]}; use explain_volume for a stack")
     gray = _gray(image) if image is not None else None
-    r = _raw_maps(bundle, pv, target, method, None if gray is None else [gray], radius, entropy_on, medgrad_qk)
+    r = _raw_maps(bundle, pv, target, method, None if gray is None else [gray], radius, entropy_on, medgrad_qk,
+                  overlap_entropy)
     raw = r["raw"][0]
     scale = float(raw.max())
     heat = raw / scale if scale > 0 else torch.zeros_like(raw)
@@ -577,7 +611,7 @@ def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str |
 def explain_volume(bundle, slices_fn, depth: int, target_text: str | None = None, target_embedding=None,
                    method: str = "medgrad", radius: float = 5.0, entropy_on: str = "image", *,
                    batch_size: int = 4, upsample: bool = True, templates=POSITIVE_TEMPLATES,
-                   medgrad_qk: bool = True) -> dict:
+                   medgrad_qk: bool = True, overlap_entropy: bool = True) -> dict:
     """Slice-wise explanation of a volume with ONE scale: every slice is divided by the max over all slices.
 
     `slices_fn(z)` returns slice z as an image (H, W) or (H, W, 3) in [0, 1] (window CT before). Slices
@@ -596,7 +630,7 @@ def explain_volume(bundle, slices_fn, depth: int, target_text: str | None = None
         imgs = [as_float_image(slices_fn(z)) for z in range(z0, min(depth, z0 + batch_size))]
         pv = torch.cat([_pixels(bundle, None, a) for a in imgs])
         r = _raw_maps(bundle, pv, target, method, [a.mean(-1) if a.ndim == 3 else a for a in imgs], radius,
-                      entropy_on, medgrad_qk)
+                      entropy_on, medgrad_qk, overlap_entropy)
         raws.append(r["raw"])
         cosines += [] if r["lb"].cosine is None else r["lb"].cosine.float().cpu().tolist()
         shapes += [a.shape[:2] for a in imgs]
