@@ -9,7 +9,7 @@ dermoscopic concepts) and chest (findings).
 
 The correction loop (`--drawn`): CSR retrained as the shipped model is, with the phantoms' concept masks
 standing in for the regions a clinician draws and names after a concept, on a share of the training
-images; the same metrics. Writes benchmarks/results/concepts.md and .json.
+images (the shipped models have them on all); the same metrics. Writes benchmarks/results/concepts.md and .json.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def evaluate(model: CSRModel, ftr, ytr, fte, yte, test, size: int) -> dict:
 def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, drawn_shares=()) -> dict:
     concepts, classes = CSR_FAMILIES[fam]
     model = CSRModel.load(bundle, csr_file(bundle.path, fam))
-    train = phantom_concept_items(fam, 0, n_train, size)   # what the shipped model was trained on
+    train = phantom_concept_items(fam, 0, n_train, size)   # the shipped model's images (+ masks as drawn regions)
     test = phantom_concept_items(fam, 9, n_test, size)     # held out (other seeds)
     ftr, ytr_c, ytr, _ = _tensors(bundle, model, train)
     fte, yte_c, yte, _ = _tensors(bundle, model, test)
@@ -165,8 +165,8 @@ def main(argv=None):
     rows = {fam: run_family(bundle, fam, a.n_train, a.n_test, a.size, a.drawn) for fam in ("derm", "chest")}
     lines = [header("Concept-similarity classification (CSR) on held-out phantoms"),
              f"- model: `{bundle.path}` (shipped `csr_<family>.safetensors`, trained by `clinlens train-default "
-             f"--concepts-only` on {a.n_train} phantoms, seed 0); held-out: {a.n_test} phantoms of other seeds, "
-             f"{a.size} px.",
+             f"--concepts-only` on {a.n_train} phantoms, seed 0, with their concept masks as drawn regions); held-out: "
+             f"{a.n_test} phantoms of other seeds, {a.size} px.",
              "- baselines on the same frozen CLIP patch features: linear probe = logistic regression on the "
              "mean-pooled patch features; concept bottleneck = logistic regression on CSR's stage-1 concept "
              "probabilities.",
@@ -187,8 +187,8 @@ def main(argv=None):
                   "concept's local vector (stage 2) instead of the CAM estimate. Here the phantoms' concept masks "
                   "play the drawn segments on a share of the training images (drawn at random; all the present "
                   "concepts with a mask on those images), and CSR is retrained exactly as `clinlens train-default "
-                  "--concepts-only` trains the shipped model (same images, seed and steps; share 0 is that training "
-                  "again). Same held-out images and metrics.", "",
+                  "--concepts-only` trains the shipped model (same images, seed and steps; share 1 is that training "
+                  "again, share 0 the image-level labels alone). Same held-out images and metrics.", "",
                   "| family | drawn share | drawn regions | CSR macro-F1 | CSR after pruning | pointing before | "
                   "pointing after | pruned / prototypes |", "|---|---|---|---|---|---|---|---|"]
         for fam, r in rows.items():

@@ -161,7 +161,8 @@ def main(argv=None):
     fams = [f for f in a.families.split(",") if f]
     rows = {fam: run_family(bundle, fam, a) for fam in fams}
     lines = [header("CSR box interaction on ambiguous held-out cases"),
-             f"- models: `{bundle.path}` shipped `csr_<family>.safetensors` (trained on phantoms of seed base 0); "
+             f"- models: `{bundle.path}` shipped `csr_<family>.safetensors` (trained on phantoms of seed base 0, "
+             "their concept masks as drawn regions); "
              f"held-out: {a.n_test} phantoms per family (seed base {a.seed_base}), {a.size} px = model input.",
              f"- ambiguous: top-2 class-probability margin < {a.margin} without boxes. Boxes re-weight every "
              "prototype similarity map by A (1 in positive boxes, 0 in negative boxes, alpha elsewhere; alpha = the "
