@@ -244,3 +244,19 @@ def test_batch_infer_keeps_classification_results_in_the_datastore(server):
         assert [c["class"] for c in kept["params"]["classes"]] == [c["class"] for c in live["classes"]]
         for a, b in zip(kept["params"]["classes"], live["classes"]):
             assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+
+
+@pytest.mark.parametrize("family", ["derm", "chest", "ct"])
+def test_phantom_items_carry_their_concept_masks_as_drawn_regions(family):
+    from clinlens.trainers.concepts import phantom_concept_items
+
+    plain = phantom_concept_items(family, 3, 12)
+    drawn = phantom_concept_items(family, 3, 12, drawn=True)
+    assert all(p[4] == {} for p in plain)
+    n = 0
+    for p, d in zip(plain, drawn):
+        assert p[0] == d[0] and p[2] == d[2] and np.array_equal(p[1], d[1])  # the same images and labels
+        for name, mask in d[4].items():
+            assert d[2][name] == 1 and mask.shape == d[1].shape[:2] and mask.any()  # present concepts only, 2D
+            n += 1
+    assert n > 0
