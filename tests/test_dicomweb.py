@@ -1,6 +1,7 @@
 """The DICOMweb path end to end: a real Orthanc (Debian packages) on loopback, the real MONAI Label
 server with `--studies http://127.0.0.1:<port>/dicom-web`, and OHIF-shaped requests (image id =
 SeriesInstanceUID, NRRD uint8 results, label saves that go back as DICOM SEG over STOW)."""
+import contextlib
 import json
 from pathlib import Path
 
@@ -46,19 +47,30 @@ def ct_study(root: Path, n_chest: int = 0, n_derm: int = 0) -> tuple[dict, Path]
     return ct, root / "studies" / ct["dicom"]["folder"]
 
 
-@pytest.fixture(scope="module")
-def dw(tmp_path_factory):
+@contextlib.contextmanager
+def orthanc_with_ct(root: Path, what: str, **studies):
+    """A real Orthanc under `root` holding `ct_study(root, **studies)`: yields (orthanc, index entry, DICOM folder)."""
     why = orthanc_available()
     if why:
-        pytest.fail(f"Orthanc is needed for the DICOMweb tests: {why}")
-    root = tmp_path_factory.mktemp("dicomweb")
-    ct, folder = ct_study(root, n_chest=1, n_derm=1)
+        pytest.fail(f"Orthanc is needed for {what}: {why}")
+    ct, folder = ct_study(root, **studies)
     with Orthanc(root / "orthanc") as o:
         o.store(sorted(folder.glob("*.dcm")))
+        yield o, ct, folder
+
+
+def dicomweb_server(o: Orthanc, root: Path) -> Server:
+    """The MONAI Label server on that Orthanc's DICOMweb, its cache and models under `root`."""
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")}
+    return Server(o.dicomweb_url, log_path=root / "server.log", env=env, conf={"model_dir": root / "model"})
+
+
+@pytest.fixture(scope="module")
+def dw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dicomweb")
+    with orthanc_with_ct(root, "the DICOMweb tests", n_chest=1, n_derm=1) as (o, ct, folder):
         o.store(sorted(CT5N.iterdir()))
-        env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")}
-        with Server(o.dicomweb_url, log_path=root / "server.log", env=env,
-                    conf={"model_dir": root / "model"}) as s:
+        with dicomweb_server(o, root) as s:
             s.orthanc, s.root, s.ct = o, root, ct
             s.ct_uid = series_uid(folder)
             yield s

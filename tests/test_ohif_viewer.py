@@ -21,9 +21,7 @@ from clinlens.batch.discover import Selection
 from clinlens.batch.process import BatchConfig
 from clinlens.batch.run import run_batch
 from clinlens.data.dicom_seg import read_seg, sorted_series_files
-from clinlens.orthanc import Orthanc, orthanc_available
-from clinlens.server import Server
-from test_dicomweb import ct_study
+from test_dicomweb import dicomweb_server, orthanc_with_ct
 
 CHROMIUM = ("chromium-headless-shell", "chromium")
 PROMPT = "lung nodule"
@@ -36,19 +34,13 @@ def chromium_path() -> str | None:
 @pytest.fixture(scope="module")
 def stowed(tmp_path_factory):
     """Orthanc holding a phantom CT and the SEG/SR/heatmap that `clinlens batch --stow` sent back."""
-    why = orthanc_available()
-    if why:
-        pytest.fail(f"Orthanc is needed for the OHIF test: {why}")
     root = tmp_path_factory.mktemp("ohif")
-    _, folder = ct_study(root)
-    with Orthanc(root / "orthanc") as o:
-        o.store(sorted(folder.glob("*.dcm")))
+    with orthanc_with_ct(root, "the OHIF test") as (o, _, folder):
         res = run_batch(o.dicomweb_url, root / "batch", BatchConfig(out_dir=str(root / "batch"), prompts=(PROMPT,)),
                         Selection.build(modalities=["CT"]), executor="local", workers=0, stow=True, progress=False)
         (row,) = res.rows
         assert row["status"] == "ok" and row["stowed"] == 3, row
-        env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache")}
-        with Server(o.dicomweb_url, log_path=root / "server.log", env=env, conf={"model_dir": root / "model"}) as s:
+        with dicomweb_server(o, root) as s:
             yield {"url": s.url, "root": root, "folder": folder, "row": row,
                    "seg": Path(row["out_dir"]) / "seg.dcm"}
 

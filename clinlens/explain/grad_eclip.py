@@ -19,12 +19,12 @@ own projections computed, and the attention output that really entered ``out_pro
 forward pass that produced S. A zero leaf is added at that point, so ``∂S/∂leaf = ∂S/∂o`` exactly
 and the rest of the graph is unchanged. ``recompute_attention`` rebuilds the block's output from
 the captured per-head q, k, v; the tests check it equals the module's output.
+``method="grad_eclip_single_head"`` is the flawed baseline of the public code: it re-runs the block
+as ONE head, so it explains a different forward pass (its own cosine is ``explained_cosine``).
 
 Cost. The blocks before the last run without an autograd graph (the gradient is only needed from the
 last block on). The entropy depends on the image only: it runs on a worker thread beside the forward,
 and an image's weights are kept (by a hash of its pixels) for the next target asked of it.
-``method="grad_eclip_single_head"`` is the flawed baseline of the public code: it re-runs the block
-as ONE head, so it explains a different forward pass (its own cosine is ``explained_cosine``).
 
 Choices where methods.md leaves room:
 - MedGrad keeps Grad-ECLIP's query–key weight and multiplies the entropy in (DESIGN.md: "multiplies in").
@@ -514,15 +514,16 @@ def _raw_maps(bundle, pv, target: Target, method, images, radius, entropy_on, me
 
     MedGrad's image entropy depends on the image only: with `overlap_entropy` it is computed on a worker
     thread while the forward and backward run (scikit-image's rank filters release the GIL)."""
-    pending = None
     if method == "medgrad" and entropy_on == "image":
         srcs = images if images is not None else _images_from_pixels(bundle, pv)
         patch = bundle.model.config.vision_config.patch_size
         grid = (pv.shape[-2] // patch, pv.shape[-1] // patch)
         job = lambda: torch.stack([entropy_weights(s, grid, radius).flatten() for s in srcs])  # noqa: E731
-        pending = _entropy_pool().submit(job) if overlap_entropy else None
-        if pending is None:
-            we = job()
+        if overlap_entropy:
+            pending = _entropy_pool().submit(job)
+        else:
+            pending = concurrent.futures.Future()
+            pending.set_result(job())
     lb = last_block(bundle, pv, target.embedding)
     grid = lb.grid
     explained = None
@@ -536,7 +537,7 @@ def _raw_maps(bundle, pv, target: Target, method, images, radius, entropy_on, me
         base = grad_eclip_map(lb)
         raw = grad_eclip_map(lb, use_qk=False) if not medgrad_qk else base
         if entropy_on == "image":
-            we = pending.result() if pending is not None else we
+            we = pending.result()
         else:  # entropy of the Grad-ECLIP heatmap, upsampled to the model input
             hm = base.view(-1, *grid).cpu()
             hm = hm / hm.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
