@@ -167,9 +167,11 @@ def main(argv=None):
              f"- ambiguous: top-2 class-probability margin < {a.margin} without boxes. Boxes re-weight every "
              "prototype similarity map by A (1 in positive boxes, 0 in negative boxes, alpha elsewhere; alpha = the "
              "model's, given per family) before the max, then the task head re-predicts: on the boxed scores "
-             "recentred by their mean drop (the app's rule, `CSRModel.box_shift`), and, in the rows marked "
-             f"'{PAPER.strip(' ·')}', on the boxed scores as they are (`box_recentre=False`). The recentring was chosen "
-             "on phantoms of seed bases 5 and 6 (`--seed-base`), not on this set.",
+             "recentred by their mean drop where a positive box is given (the app's rule, `CSRModel.box_shift`; "
+             "negative boxes alone leave A = 1 outside them and are not recentred), and, in the rows marked "
+             f"'{PAPER.strip(' ·')}', on the boxed scores as they are (`box_recentre=False`). The recentring, and "
+             "leaving negative-only boxes out of it, were chosen on phantoms of seed bases 5 and 6 (`--seed-base`), "
+             "not on this set.",
              "- simulated clinician: *positive* = derm: the lesion's box; chest: one box per present finding's mask "
              "(the lungs' box on a normal radiograph). *negative* (chest only) = the shortcut tag's box where there is "
              "one; *positive + negative* = both. Derm phantoms have no distractor, so derm has no negative arm.",

@@ -176,6 +176,14 @@ def test_box_importance_maps_and_rescoring(bundle, derm):
     torch.testing.assert_close(out["head_scores"], out["proto_scores"] + drop.mean(1, keepdim=True))
     torch.testing.assert_close(out["logits"], out["head_scores"] @ m.task_w.T + m.task_b)
     torch.testing.assert_close(base["head_scores"], base["proto_scores"])  # no boxes: nothing to recentre
+    # negative boxes alone: no uniform fall, so the head reads the boxed scores as they are, per image
+    neg = m(pv, neg_boxes=[[0, 0, m.image_size, m.image_size * 3 // 4]])
+    assert not torch.allclose(neg["proto_scores"], base["proto_scores"])
+    torch.testing.assert_close(neg["head_scores"], neg["proto_scores"])
+    pv2 = derm[0][:2]
+    mixed = m(pv2, pos_boxes=[[[0, 0, 112, 112]], []], neg_boxes=[[0, 0, 32, 32]], alpha=0.5)
+    torch.testing.assert_close(mixed["head_scores"][0], out["head_scores"][0])
+    torch.testing.assert_close(mixed["head_scores"][1], mixed["proto_scores"][1])
     # a rejected concept neither enters the head nor the mean drop
     rej = m.concepts[0]
     out_r = m(pv, pos_boxes=[[0, 0, 112, 112]], neg_boxes=[[0, 0, 32, 32]], alpha=0.5, reject_concepts=[rej])
@@ -274,7 +282,8 @@ def test_text_grounding_init_regulariser_and_new_concept(bundle, derm):
     assert m.prototypes.shape[0] == K * M and m.task_w.shape == (len(DERM_DIAGNOSES), K * M)
     new = concept_text_embeddings(bundle, ["regression structures"], ["white scar-like depigmentation."])[0]
     assert torch.allclose(m.text_anchors[-1], new)
-    assert bool(((F.normalize(m.prototypes[-M:], dim=-1) @ new) > 0.98).all())
+    # near the new anchor, within the default init noise (σ = 0.5: cos ≈ 1/√(1 + σ²) ≈ 0.89)
+    assert bool(((F.normalize(m.prototypes[-M:], dim=-1) @ new) > 0.8).all())
     after = m(features=f)
     assert after["concept_scores"].shape == (1, K) and after["cams"].shape[1] == K
     assert torch.allclose(after["logits"], before["logits"], atol=1e-6)

@@ -26,7 +26,8 @@ reads as "no evidence" (cosine −1) rather than cosine 0, which would lift the 
 (a deliberate change to the paper's `max(A ⊙ S)`; the box benchmark gains on both families with it).
 The task head then reads the boxed scores recentred by the kept prototypes' mean drop (`box_shift`;
 `box_recentre=False` is the paper's rule): a focus lowers every max, and the head, fitted on unboxed
-scores, would take that fall for evidence against the classes with most weight. The returned
+scores, would take that fall for evidence against the classes with most weight; negative boxes alone
+leave A = 1 outside them and are not recentred, their drop being the excluded evidence. The returned
 `proto_scores` stay the boxed evidence.
 `reject_concepts` zeroes those concepts' prototype scores before the task head (they drop out of the
 linear head).
@@ -35,7 +36,9 @@ linear head).
 name (and description) averaged over `zeroshot.POSITIVE_TEMPLATES`, in the CLIP joint space. The
 projector's linear part starts as CLIP's own `visual_projection`, so at initialisation `P(f)` is
 CLIP's projected patch token (MaskCLIP-style) and lives in the same space: prototypes start at
-`normalize(t_k + σε)` (σ = `proto_init_noise`; σ=0 puts them exactly on `t_k`), the concept head at
+`normalize(t_k + σε)` (σ = `proto_init_noise`, default 0.5; σ=0 puts them exactly on `t_k`; at 0.1 the
+M prototypes of a concept converged to near-identical maps, and 0.5 raised the pointing game after
+pruning on validation phantoms, derm 0.762 -> 0.809 and chest 0.255 -> 0.306 over seeds), the concept head at
 `w_k = W_clip^T t_k`, and `text_reg · mean(1 − cos(p_km, t_k))` keeps the prototypes near their
 anchors. New concepts are added by text (`add_concept_by_text`).
 
@@ -163,7 +166,7 @@ class CSRModel(nn.Module):
                  n_prototypes: int = 4, proj_hidden: int = 256, lam: float = 10.0, gamma: float = 5.0,
                  delta: float = 0.1, margin_sign: float = 1.0, text_reg: float = 0.1, cam_pool: str = "max",
                  alpha: float = 0.2, finetune_backbone: bool = False, post_ln: bool = True,
-                 proto_init_noise: float = 0.1, head_init: str = "text", detach_stages: bool = True,
+                 proto_init_noise: float = 0.5, head_init: str = "text", detach_stages: bool = True,
                  descriptions: Sequence[str | None] | None = None, box_recentre: bool = True):
         super().__init__()
         if cam_pool not in ("max", "avg"):
@@ -379,8 +382,9 @@ class CSRModel(nn.Module):
         keep = self.reject_mask(reject_concepts)
         scores = self.scores_from_maps(maps, imp)
         head_in = scores
-        if self.config["box_recentre"] and (pos_boxes is not None or neg_boxes is not None):
-            head_in = scores + self.box_shift(self.scores_from_maps(maps), scores, keep)
+        focus = torch.tensor([len(t) > 0 for t in _per_image_boxes(pos_boxes, b)], device=self.device)
+        if self.config["box_recentre"] and bool(focus.any()):  # only a positive focus lowers every map
+            head_in = scores + self.box_shift(self.scores_from_maps(maps), scores, keep) * focus[:, None]
         return {"cams": cams, "concept_logits": self.pool_cams(cams), "sim_maps": maps, "importance": imp,
                 "proto_scores": scores * keep, "concept_scores": self.concept_scores(scores * keep),
                 "head_scores": head_in * keep, "logits": (head_in * keep) @ self.task_w.T + self.task_b}
@@ -392,7 +396,9 @@ class CSRModel(nn.Module):
         A focus restricts every max, so every score falls; the linear head, fitted on unboxed scores, would
         read that uniform fall as a shift of each class logit by it times the class's summed weights (a
         bias against classes with many positive weights, not evidence). Recentring keeps what the boxes
-        change relative to the other prototypes: which evidence lies in the focus."""
+        change relative to the other prototypes: which evidence lies in the focus. Only images with a
+        positive box are recentred: negative boxes alone leave A = 1 outside them, so what falls is the
+        evidence they exclude, and the head reads it as it is."""
         w = keep.expand_as(boxed)
         return (((unboxed - boxed) * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1))
 
