@@ -52,6 +52,23 @@ def test_slicer_gets_named_heat_levels(server):
         x0, y0, x1, y1 = reg["box"]
         assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H and reg["peak"] >= 0.8
     assert res["words"]["tokens"] and len(res["words"]["tokens"]) == len(res["words"]["scores"])
+    assert res["evidence"] is True and "message" not in res
+
+
+def test_an_empty_heatmap_is_said_in_words():
+    """A flat image has no local entropy, so MedGrad's map is empty: the JSON says so."""
+    from clinlens.explain.grad_eclip import explain
+    from clinlens.infer.explain import evidence
+    from clinlens.models.clip import load_clip
+
+    bundle = load_clip(None, device="cpu")
+    flat = explain(bundle, image=np.full((224, 224, 3), 0.4, np.float32), target_text="nodule", method="medgrad")
+    assert float(flat["upsampled"].max()) == 0
+    e = evidence(flat["upsampled"], "nodule")
+    assert e["evidence"] is False and "nodule" in e["message"] and "empty" in e["message"]
+    rng = np.random.default_rng(0)
+    textured = explain(bundle, image=rng.random((224, 224, 3), dtype=np.float32), target_text="nodule", method="medgrad")
+    assert evidence(textured["upsampled"], "nodule") == {"evidence": True}
 
 
 def test_float32_map_and_negated_prompt(server):

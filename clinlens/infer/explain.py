@@ -30,6 +30,15 @@ def heat_levels(heat: np.ndarray, levels: int, floor: float) -> np.ndarray:
     return np.where(heat >= floor, lab, 0).astype(np.uint8)
 
 
+def evidence(heat: np.ndarray, shown: str) -> dict:
+    """Whether any pixel has heat. A map can be empty (every patch's weighted contribution negative, or an
+    image with no local entropy for MedGrad); the JSON says so in words instead of leaving an empty labelmap."""
+    if float(np.max(heat, initial=0.0)) > 0:
+        return {"evidence": True}
+    return {"evidence": False,
+            "message": f"no region raises the image's match with {shown!r}: the heatmap is empty"}
+
+
 def top_regions(heat: np.ndarray, level: float = 0.8, n: int = 3) -> list[dict]:
     """Boxes of the hottest connected areas (heat >= level), hottest first; (z,) y, x order of `heat`."""
     lab, k = ndi.label(heat >= level)
@@ -92,7 +101,7 @@ class ExplainInfer(ClinlensInfer):
             raise RequestError(str(e)) from e
         shown = r.get("target") or target
         result = {"target": target, "explained": shown, "negated": bool(r.get("negated")), "method": method,
-                  "top_regions": top_regions(heat), "words": words, "scale": r.get("scale")}
+                  "top_regions": top_regions(heat), "words": words, "scale": r.get("scale"), **evidence(heat, shown)}
         if as_float:
             out = heat
             result["label_names"] = {f"heat · {shown}": 1}
