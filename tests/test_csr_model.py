@@ -184,6 +184,8 @@ def test_box_importance_maps_and_rescoring(bundle, derm):
     mixed = m(pv2, pos_boxes=[[[0, 0, 112, 112]], []], neg_boxes=[[0, 0, 32, 32]], alpha=0.5)
     torch.testing.assert_close(mixed["head_scores"][0], out["head_scores"][0])
     torch.testing.assert_close(mixed["head_scores"][1], mixed["proto_scores"][1])
+    flat = m(pv, pos_boxes=[[0, 0, 112, 112]], neg_boxes=[[0, 0, 32, 32]], alpha=1.0)  # α = 1: nothing dimmed
+    torch.testing.assert_close(flat["head_scores"], flat["proto_scores"])
     # a rejected concept neither enters the head nor the mean drop
     rej = m.concepts[0]
     out_r = m(pv, pos_boxes=[[0, 0, 112, 112]], neg_boxes=[[0, 0, 32, 32]], alpha=0.5, reject_concepts=[rej])

@@ -382,7 +382,8 @@ class CSRModel(nn.Module):
         keep = self.reject_mask(reject_concepts)
         scores = self.scores_from_maps(maps, imp)
         head_in = scores
-        focus = torch.tensor([len(t) > 0 for t in _per_image_boxes(pos_boxes, b)], device=self.device)
+        dims = float(self.config["alpha"] if alpha is None else alpha) < 1  # α < 1 dims what lies outside a focus
+        focus = torch.tensor([dims and len(t) > 0 for t in _per_image_boxes(pos_boxes, b)], device=self.device)
         if self.config["box_recentre"] and bool(focus.any()):  # only a positive focus lowers every map
             head_in = scores + self.box_shift(self.scores_from_maps(maps), scores, keep) * focus[:, None]
         return {"cams": cams, "concept_logits": self.pool_cams(cams), "sim_maps": maps, "importance": imp,
