@@ -51,11 +51,13 @@ def hits(box, mask) -> bool:
     return bool(mask[y0:y1, x0:x1].any())
 
 
-def pointing_game(model: CSRModel, feats, items, size: int) -> tuple[float, int]:
-    """Share of (image, present concept with a mask) whose concept map peaks on the mask."""
+def pointing_game(model: CSRModel, feats, items, size: int) -> tuple[float, int, dict]:
+    """Share of (image, present concept with a mask) whose concept map peaks on the mask, their count, and per
+    concept [hits, objects, summed mask area share]."""
     with torch.no_grad():
         maps = model.similarity_maps(feats.to(model.device)).flatten(2).cpu()  # (N, P, hw)
     n = hit = 0
+    per = {}
     for i, it in enumerate(items):
         masks = masks_of(it[0], size)
         for k, name in enumerate(model.concepts):
@@ -63,9 +65,14 @@ def pointing_game(model: CSRModel, feats, items, size: int) -> tuple[float, int]
             if name not in masks or not it[2].get(name) or not len(cols):
                 continue
             best = maps[i, cols].max(0).values  # the concept map: best prototype per patch
+            ok = hits(cell_box(best.argmax(), model.grid, size), masks[name])
             n += 1
-            hit += hits(cell_box(best.argmax(), model.grid, size), masks[name])
-    return hit / max(n, 1), n
+            hit += ok
+            c = per.setdefault(name, [0, 0, 0.0])
+            c[0] += ok
+            c[1] += 1
+            c[2] += float(np.mean(masks[name]))
+    return hit / max(n, 1), n, per
 
 
 def prune_ids(model: CSRModel, size: int) -> list[int]:
@@ -99,7 +106,7 @@ def evaluate(model: CSRModel, ftr, ytr, fte, yte, test, size: int) -> dict:
     row = {}
     with torch.no_grad():
         row["csr_f1"] = macro_f1(yte, model(features=fte)["logits"].argmax(-1))
-    row["pointing_before"], row["pointing_n"] = pointing_game(model, fte, test, size)
+    row["pointing_before"], row["pointing_n"], row["per_concept_before"] = pointing_game(model, fte, test, size)
     ids = prune_ids(model, size)
     kept = model.prune_prototypes(ids)
     with torch.no_grad():
@@ -107,7 +114,7 @@ def evaluate(model: CSRModel, ftr, ytr, fte, yte, test, size: int) -> dict:
     model.refit_task_head(scores, ytr)
     with torch.no_grad():
         row["csr_f1_pruned"] = macro_f1(yte, model(features=fte)["logits"].argmax(-1))
-    row["pointing_after"], _ = pointing_game(model, fte, test, size)
+    row["pointing_after"], _, row["per_concept_after"] = pointing_game(model, fte, test, size)
     row["pruned"] = len(ids)
     row["prototypes"] = int(len(kept) + len(ids))
     return row
@@ -181,6 +188,12 @@ def main(argv=None):
         lines.append(f"| {fam} | {len(r['classes'])} | {r['csr_f1']:.3f} | {r['probe_f1']:.3f} | "
                      f"{r['bottleneck_f1']:.3f} | {r['csr_f1_pruned']:.3f} | {r['pointing_before']:.3f} | "
                      f"{r['pointing_after']:.3f} | {r['pruned']} / {r['prototypes']} | {r['pointing_n']} |")
+    lines += ["", "Pointing per concept, shipped models (mask area = mean share of the image the concept's mask covers):",
+              "", "| family | concept | objects | mask area | pointing before | pointing after |", "|---|---|---|---|---|---|"]
+    for fam, r in rows.items():
+        for name, (hb, nb, area) in r["per_concept_before"].items():
+            ha = r["per_concept_after"][name][0]
+            lines.append(f"| {fam} | {name} | {nb} | {area / nb:.3f} | {hb / nb:.3f} | {ha / nb:.3f} |")
     if any(r["drawn"] for r in rows.values()):
         lines += ["", "### The correction loop: the same training with the concept regions drawn",
                   "",
