@@ -2,8 +2,9 @@
 objects and the same target probability (`--score probability`), p(target) of the intact image, of the
 image's mean colour, of the object's box alone on the mean colour, and of the image with the box filled by
 the mean colour; then, from explain_mean_probability.json, each method's deletion/insertion AUC and heat in
-that box. A map can hold much of its heat in the box and still rank the box's patches in an order the score
-does not follow. Writes benchmarks/results/explain_object_only.md and .json.
+that box; and where MedGrad's and Grad-ECLIP's hottest patches lie on the derm lesions (interior, border
+ring, outside) and how many patches carry heat at all. A map can hold much of its heat in the box and still
+rank the box's patches in an order the score does not follow. Writes benchmarks/results/explain_object_only.md and .json.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, header  # noqa: E402
 from explain import objects, rivals, scores  # noqa: E402
 
-from clinlens.explain.grad_eclip import resolve_target  # noqa: E402
+from clinlens.explain.grad_eclip import explain, resolve_target  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
 
 GROUPS = {"derm lesion (target: diagnosis)": lambda oid: oid.startswith("derm") and oid.endswith(":lesion"),
@@ -27,6 +29,37 @@ GROUPS = {"derm lesion (target: diagnosis)": lambda oid: oid.startswith("derm") 
           "chest findings": lambda oid: oid.startswith("chest")}
 ARMS = ("intact", "mean colour", "box only", "box removed")
 METHODS = ("medgrad", "grad_eclip", "gradcam", "integrated_gradients", "random")
+PLACES = ("interior", "border", "outside")
+EDGE_PX = 8  # the lesion's border ring: within this many pixels of its edge
+
+
+def place(mask: np.ndarray, inner: np.ndarray, cell: tuple) -> str:
+    """Where a patch lies: mostly in the lesion's interior, touching the lesion otherwise, or outside it."""
+    return "interior" if inner[cell].mean() > 0.5 else "border" if mask[cell].any() else "outside"
+
+
+def where_maps_look(bundle, lesions, top: int = 5) -> dict:
+    """Per method: non-zero patches per map, and where the `top` hottest non-zero patches lie, against all patches."""
+    out = {"all patches": dict.fromkeys(PLACES, 0)}
+    nonzero = {}
+    for img, emb, mask in lesions:
+        inner = ndi.binary_erosion(mask, iterations=EDGE_PX)
+        for m in ("medgrad", "grad_eclip"):
+            h = explain(bundle, image=img, target_embedding=emb, method=m, words=False)["heatmap"]
+            gh, gw = h.shape
+            cells = [np.s_[y * img.shape[0] // gh:(y + 1) * img.shape[0] // gh, x * img.shape[1] // gw:(x + 1) * img.shape[1] // gw]
+                     for y in range(gh) for x in range(gw)]
+            flat = h.ravel()
+            nonzero.setdefault(m, []).append(int((flat > 0).sum()))
+            c = out.setdefault(m, dict.fromkeys(PLACES, 0))
+            for t in [t for t in np.argsort(-flat)[:top] if flat[t] > 0]:
+                c[place(mask, inner, cells[t])] += 1
+        for cell in cells:
+            out["all patches"][place(mask, inner, cell)] += 1
+    shares = {k: {p: v[p] / max(sum(v.values()), 1) for p in PLACES} for k, v in out.items()}
+    return {"shares": shares, "nonzero_patches": {m: float(np.mean(v)) for m, v in nonzero.items()},
+            "empty_maps": {m: int(sum(n == 0 for n in v)) for m, v in nonzero.items()}, "maps": len(lesions),
+            "patches": int(sum(out["all patches"].values())), "top": top}
 
 
 def main(argv=None):
@@ -39,7 +72,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bundle = load_clip(None, device="cpu")
-    emb, rows = {}, {}
+    emb, rows, lesions = {}, {}, []
     for fam in ("chest", "derm"):
         for oid, img, text, mask, (x0, y0, x1, y1) in objects(fam, a.n_images, 224):
             for t in [text] + rivals(text):
@@ -50,6 +83,9 @@ def main(argv=None):
             p = scores(bundle, [img, mean, np.where(box, img, mean), np.where(box, mean, img)],
                        torch.stack([emb[t] for t in [text] + rivals(text)]))
             rows[oid] = {"p": dict(zip(ARMS, map(float, p))), "box_share": float(box.mean())}
+            if GROUPS["derm lesion (target: diagnosis)"](oid):
+                lesions.append((img, emb[text], mask))
+    look = where_maps_look(bundle, lesions)
     faith = {o["id"]: o for o in json.loads(Path(a.faithfulness).read_text())["objects"]}
     lines = [header("Where the explained score lives: the object's box alone and removed"),
              "- model: the embedded default CLIP; objects: those of `benchmarks/explain.py` (held-out phantoms, "
@@ -75,10 +111,23 @@ def main(argv=None):
         for m, v in r["methods"].items():
             lines.append(f"| {name} | {m} | {v['deletion_auc']:.3f} | {v['insertion_auc']:.3f} | "
                          f"{v['energy_in_box']:.2f} |")
+    g = look["shares"]["all patches"]
+    lines += ["", f"Where the maps look on the {len(lesions)} derm lesions: the {look['top']} hottest non-zero patches of "
+              f"each map, by place (interior = at least half inside the lesion shrunk by {EDGE_PX} px; border = "
+              "touching the lesion otherwise), against all patches.", "",
+              "| map | empty maps | non-zero patches per map (of 196) | interior | border | outside |",
+              "|---|---|---|---|---|---|",
+              f"| all patches (reference) | – | – | {g['interior']:.3f} | {g['border']:.3f} | {g['outside']:.3f} |"]
+    for m in ("medgrad", "grad_eclip"):
+        v = look["shares"][m]
+        lines.append(f"| {m} top {look['top']} | {look['empty_maps'][m]} / {look['maps']} | "
+                     f"{look['nonzero_patches'][m]:.1f} | {v['interior']:.3f} | "
+                     f"{v['border']:.3f} | {v['outside']:.3f} |")
     lines.append("")
     dst = Path(a.out)
     dst.with_suffix(".md").write_text("\n".join(lines))
-    dst.with_suffix(".json").write_text(json.dumps({"args": vars(a), "groups": out, "objects": rows}, indent=1))
+    dst.with_suffix(".json").write_text(json.dumps({"args": vars(a), "groups": out, "where_maps_look": look,
+                                                    "objects": rows}, indent=1))
     print("\n".join(lines))
 
 
