@@ -14,7 +14,6 @@ images (the shipped models have them on all); the same metrics. Writes benchmark
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header  # noqa: E402
+from common import RESULTS, header, write_results  # noqa: E402
 
 from clinlens.data.phantoms import make_chest, make_derm  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
@@ -217,11 +216,7 @@ def main(argv=None):
         lines.append(f"With the concept regions drawn on a share {share:.2f} of the training images: "
                      f"{pointing_verdict(drawn)}.")
     lines.append("")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, lines, rows)
 
 
 if __name__ == "__main__":

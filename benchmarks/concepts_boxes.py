@@ -21,7 +21,6 @@ Writes benchmarks/results/concepts_boxes.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header  # noqa: E402
+from common import RESULTS, header, write_results  # noqa: E402
 from concepts import macro_f1  # noqa: E402
 
 from clinlens.data.image_io import to_unit_rgb  # noqa: E402
@@ -223,12 +222,7 @@ def main(argv=None):
                      f"{k}: {rows[k.split(' / ')[0]]['arms'][k.split(' / ')[1]]['amb_f1_delta']:+.3f}"
                      for k in verdict) + ").")
     lines.append("")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(a), "families": rows, "target_met": ok,
-                                                    "verdict": verdict}, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, lines, {"args": vars(a), "families": rows, "target_met": ok, "verdict": verdict})
 
 
 if __name__ == "__main__":

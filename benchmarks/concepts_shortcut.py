@@ -39,7 +39,6 @@ Writes benchmarks/results/concepts_shortcut.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header  # noqa: E402
+from common import RESULTS, header, write_results  # noqa: E402
 from concepts import cell_box, macro_f1  # noqa: E402
 
 from clinlens.data.image_io import to_unit_rgb  # noqa: E402
@@ -360,11 +359,7 @@ def main(argv=None):
                       f"{ms([r['firing_recovery'] for r in rs])} (min {min(r['firing_recovery'] for r in rs):.3f}; "
                       f"pruned {ms([float(len(r['arms']['firing']['ids'])) for r in rs])} prototypes) — "
                       f"**{'met' if np.mean([r['firing_recovery'] for r in rs]) >= 0.8 else 'missed'}**.", ""]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(a), "rows": rows, "target_met": target_ok}, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, lines, {"args": vars(a), "rows": rows, "target_met": target_ok})
 
 
 if __name__ == "__main__":

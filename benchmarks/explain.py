@@ -31,7 +31,6 @@ Writes benchmarks/results/explain.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header  # noqa: E402
+from common import RESULTS, header, write_results  # noqa: E402
 from concepts import cell_box, hits  # noqa: E402
 from interactive_seg import held_out_seed  # noqa: E402
 
@@ -439,20 +438,16 @@ def main(argv=None):
     if cost is not None:
         lines += cost_targets(cost, cost_b16)
     lines += ["", f"Run time: {time.time() - t_start:.0f}s ({t_faith:.0f}s faithfulness/localisation).", ""]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
     mean_curves = {m: {k: np.mean([r["methods"][m][k] for r in rows], 0).tolist() for k in ("deletion", "insertion")}
                    for m in ALL}
-    out.with_suffix(".json").write_text(json.dumps({
+    write_results(a.out, lines, {
         "args": vars(a), "fractions": fracs.tolist(), "summary": summary, "ci95": ci, "paired": paired,
         "cost": cost, "cost_vit_b16": cost_b16, "mean_curves": mean_curves,
         "sanity": {"max_cosine_gap": float(max(cos_check)) if cos_check else None,
                    "single_head_mean_cosine_gap": float(np.mean(sh_gap))},
         "objects": [{k: v for k, v in r.items() if k != "methods"} |
                     {"methods": {m: {k: v for k, v in d.items() if k not in ("deletion", "insertion")}
-                                 for m, d in r["methods"].items()}} for r in rows]}, indent=1))
-    print("\n".join(lines))
+                                 for m, d in r["methods"].items()}} for r in rows]})
 
 
 def cost_lines(a, cost, cost_b16, cost_items) -> list[str]:

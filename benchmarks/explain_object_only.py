@@ -18,7 +18,7 @@ import torch
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header  # noqa: E402
+from common import RESULTS, header, write_results  # noqa: E402
 from explain import objects, rivals, scores  # noqa: E402
 
 from clinlens.explain.grad_eclip import explain, resolve_target  # noqa: E402
@@ -40,22 +40,22 @@ def place(mask: np.ndarray, inner: np.ndarray, cell: tuple) -> str:
 
 def where_maps_look(bundle, lesions, top: int = 5) -> dict:
     """Per method: non-zero patches per map, and where the `top` hottest non-zero patches lie, against all patches."""
-    out = {"all patches": dict.fromkeys(PLACES, 0)}
-    nonzero = {}
+    methods = ("medgrad", "grad_eclip")
+    out = {k: dict.fromkeys(PLACES, 0) for k in ("all patches",) + methods}
+    nonzero = {m: [] for m in methods}
     for img, emb, mask in lesions:
         inner = ndi.binary_erosion(mask, iterations=EDGE_PX)
-        for m in ("medgrad", "grad_eclip"):
-            h = explain(bundle, image=img, target_embedding=emb, method=m, words=False)["heatmap"]
-            gh, gw = h.shape
-            cells = [np.s_[y * img.shape[0] // gh:(y + 1) * img.shape[0] // gh, x * img.shape[1] // gw:(x + 1) * img.shape[1] // gw]
-                     for y in range(gh) for x in range(gw)]
-            flat = h.ravel()
-            nonzero.setdefault(m, []).append(int((flat > 0).sum()))
-            c = out.setdefault(m, dict.fromkeys(PLACES, 0))
+        maps = {m: explain(bundle, image=img, target_embedding=emb, method=m, words=False)["heatmap"] for m in methods}
+        gh, gw = maps["medgrad"].shape
+        ph, pw = img.shape[0] // gh, img.shape[1] // gw
+        places = [place(mask, inner, np.s_[y * ph:(y + 1) * ph, x * pw:(x + 1) * pw]) for y in range(gh) for x in range(gw)]
+        for p in places:
+            out["all patches"][p] += 1
+        for m, heat in maps.items():
+            flat = heat.ravel()
+            nonzero[m].append(int((flat > 0).sum()))
             for t in [t for t in np.argsort(-flat)[:top] if flat[t] > 0]:
-                c[place(mask, inner, cells[t])] += 1
-        for cell in cells:
-            out["all patches"][place(mask, inner, cell)] += 1
+                out[m][places[t]] += 1
     shares = {k: {p: v[p] / max(sum(v.values()), 1) for p in PLACES} for k, v in out.items()}
     return {"shares": shares, "nonzero_patches": {m: float(np.mean(v)) for m, v in nonzero.items()},
             "empty_maps": {m: int(sum(n == 0 for n in v)) for m, v in nonzero.items()}, "maps": len(lesions),
@@ -124,11 +124,7 @@ def main(argv=None):
                      f"{look['nonzero_patches'][m]:.1f} | {v['interior']:.3f} | "
                      f"{v['border']:.3f} | {v['outside']:.3f} |")
     lines.append("")
-    dst = Path(a.out)
-    dst.with_suffix(".md").write_text("\n".join(lines))
-    dst.with_suffix(".json").write_text(json.dumps({"args": vars(a), "groups": out, "where_maps_look": look,
-                                                    "objects": rows}, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, lines, {"args": vars(a), "groups": out, "where_maps_look": look, "objects": rows})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from common import RESULTS, header  # noqa: E402
+from common import RESULTS, header, write_results  # noqa: E402
 from clinlens.server import read_multipart, slicer_post  # noqa: E402  (requests exactly as Slicer sends them)
 
 from clinlens.data.image_io import load_image, to_unit_rgb  # noqa: E402
@@ -192,11 +192,7 @@ def main(argv=None):
                      f"{r['p50']:.1f} | {r['p95']:.1f} | {r['server_p50']:.1f} |")
     p50 = http["all clicks"]["p50"]
     lines += ["", f"Target HTTP click p50 <= 100 ms: {p50:.1f} ms -> **{'met' if p50 <= 100 else 'missed'}**.", ""]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"models": models, "predictor": prow, "http": http}, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, lines, {"models": models, "predictor": prow, "http": http})
 
 
 if __name__ == "__main__":

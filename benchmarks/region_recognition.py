@@ -12,7 +12,6 @@ Writes benchmarks/results/region_recognition.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header  # noqa: E402
+from common import header, write_results  # noqa: E402
 from interactive_seg import FAMILIES, HELD_OUT, add_common_args, load_predictor, objects_2d  # noqa: E402
 
 from clinlens.data.pairs import REGION_TEMPLATES  # noqa: E402
@@ -101,12 +100,8 @@ def main(argv=None):
         lines.append(f"| {b}{g}{b} | {len(sel)} | " + " | ".join(f"{table[g][m]:.3f}" for m in methods) +
                      f" | {chance[g]:.3f} | {major[g]:.3f} |")
     lines.append("")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"accuracy": table, "chance": chance, "majority": major,
-                                                    "n": {g: len(s) for g, s in groups.items()}}, indent=1))
-    print("\n".join(lines))
+    write_results(a.out, lines, {"accuracy": table, "chance": chance, "majority": major,
+                                 "n": {g: len(s) for g, s in groups.items()}})
 
 
 if __name__ == "__main__":

@@ -383,8 +383,8 @@ class CSRModel(nn.Module):
         scores = self.scores_from_maps(maps, imp)
         head_in = scores
         dims = float(self.config["alpha"] if alpha is None else alpha) < 1  # α < 1 dims what lies outside a focus
-        focus = torch.tensor([dims and len(t) > 0 for t in _per_image_boxes(pos_boxes, b)], device=self.device)
-        if self.config["box_recentre"] and bool(focus.any()):  # only a positive focus lowers every map
+        if self.config["box_recentre"] and pos_boxes is not None and dims:  # only a positive focus lowers every map
+            focus = torch.tensor([len(t) > 0 for t in _per_image_boxes(pos_boxes, b)], device=self.device)
             head_in = scores + self.box_shift(self.scores_from_maps(maps), scores, keep) * focus[:, None]
         return {"cams": cams, "concept_logits": self.pool_cams(cams), "sim_maps": maps, "importance": imp,
                 "proto_scores": scores * keep, "concept_scores": self.concept_scores(scores * keep),
