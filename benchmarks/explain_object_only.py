@@ -70,6 +70,9 @@ def main(argv=None):
                     help="explain.py results on the same objects (mean baseline, probability score)")
     ap.add_argument("--out", default=str(RESULTS / "explain_object_only"))
     a = ap.parse_args(argv)
+    if not Path(a.faithfulness).is_file():
+        ap.error(f"--faithfulness {a.faithfulness} not found: run `python benchmarks/explain.py --baseline mean "
+                 "--score probability --no-cost --out benchmarks/results/explain_mean_probability` first")
     torch.set_num_threads(a.threads)
     bundle = load_clip(None, device="cpu")
     emb, rows, lesions = {}, {}, []
@@ -85,8 +88,11 @@ def main(argv=None):
             rows[oid] = {"p": dict(zip(ARMS, map(float, p))), "box_share": float(box.mean())}
             if GROUPS["derm lesion (target: diagnosis)"](oid):
                 lesions.append((img, emb[text], mask))
-    look = where_maps_look(bundle, lesions)
     faith = {o["id"]: o for o in json.loads(Path(a.faithfulness).read_text())["objects"]}
+    if missing := sorted(set(rows) - set(faith)):
+        sys.exit(f"{a.faithfulness} lacks {len(missing)} of these objects (e.g. {missing[0]}): "
+                 f"run explain.py with the same --n-images ({a.n_images})")
+    look = where_maps_look(bundle, lesions)
     lines = [header("Where the explained score lives: the object's box alone and removed"),
              "- model: the embedded default CLIP; objects: those of `benchmarks/explain.py` (held-out phantoms, "
              f"{a.n_images} images per family, 224 px); score: p(target) = softmax over the target and its rivals, "
@@ -102,7 +108,7 @@ def main(argv=None):
         p = {x: float(np.mean([rows[i]["p"][x] for i in ids])) for x in ARMS}
         share = float(np.mean([rows[i]["box_share"] for i in ids]))
         out[name] = {"n": len(ids), "box_share": share, "p": p, "methods": {
-            m: {k: float(np.mean([faith[i]["methods"][m][k] for i in ids if i in faith]))
+            m: {k: float(np.mean([faith[i]["methods"][m][k] for i in ids]))
                 for k in ("deletion_auc", "insertion_auc", "energy_in_box")} for m in METHODS}}
         lines.append(f"| {name} | {len(ids)} | {share:.3f} | " + " | ".join(f"{p[x]:.3f}" for x in ARMS) + " |")
     lines += ["", "| objects | method | deletion AUC (lower better) | insertion AUC (higher better) | energy-in-box |",
