@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, header, write_results  # noqa: E402
-from explain import objects, rivals, scores  # noqa: E402
+from explain import ALL_BLOCKS, method_blocks, objects, rivals, scores  # noqa: E402
 
 from clinlens.explain.grad_eclip import explain, resolve_target  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
@@ -28,7 +28,8 @@ GROUPS = {"derm lesion (target: diagnosis)": lambda oid: oid.startswith("derm") 
           "derm spatial concepts": lambda oid: oid.startswith("derm") and not oid.endswith(":lesion"),
           "chest findings": lambda oid: oid.startswith("chest")}
 ARMS = ("intact", "mean colour", "box only", "box removed")
-METHODS = ("medgrad", "grad_eclip", "gradcam", "integrated_gradients", "random")
+OURS = ("medgrad", "grad_eclip") + ALL_BLOCKS
+METHODS = OURS + ("gradcam", "integrated_gradients", "random")
 PLACES = ("interior", "border", "outside")
 EDGE_PX = 8  # the lesion's border ring: within this many pixels of its edge
 
@@ -38,17 +39,24 @@ def place(mask: np.ndarray, inner: np.ndarray, cell: tuple) -> str:
     return "interior" if inner[cell].mean() > 0.5 else "border" if mask[cell].any() else "outside"
 
 
-def where_maps_look(bundle, lesions, top: int = 5) -> dict:
-    """Per method: non-zero patches per map, and where the `top` hottest non-zero patches lie, against all patches."""
-    methods = ("medgrad", "grad_eclip")
+def where_maps_look(bundle, lesions, top: int = 5, keep: int = 4) -> dict:
+    """Per method: non-zero patches per map, and where the `top` hottest non-zero patches lie, against all patches.
+    The first `keep` lesions' maps are returned under "examples" (for the figure)."""
+    methods = OURS
     out = {k: dict.fromkeys(PLACES, 0) for k in ("all patches",) + methods}
     nonzero = {m: [] for m in methods}
+    examples = []
     for img, emb, mask in lesions:
         inner = ndi.binary_erosion(mask, iterations=EDGE_PX)
-        maps = {m: explain(bundle, image=img, target_embedding=emb, method=m, words=False)["heatmap"] for m in methods}
+        maps = {}
+        for m in methods:
+            meth, blocks = method_blocks(bundle, m)
+            maps[m] = explain(bundle, image=img, target_embedding=emb, method=meth, words=False, blocks=blocks)["heatmap"]
         gh, gw = maps["medgrad"].shape
         ph, pw = img.shape[0] // gh, img.shape[1] // gw
         places = [place(mask, inner, np.s_[y * ph:(y + 1) * ph, x * pw:(x + 1) * pw]) for y in range(gh) for x in range(gw)]
+        if len(examples) < keep:
+            examples.append((img, mask, maps))
         for p in places:
             out["all patches"][p] += 1
         for m, heat in maps.items():
@@ -59,7 +67,46 @@ def where_maps_look(bundle, lesions, top: int = 5) -> dict:
     shares = {k: {p: v[p] / max(sum(v.values()), 1) for p in PLACES} for k, v in out.items()}
     return {"shares": shares, "nonzero_patches": {m: float(np.mean(v)) for m, v in nonzero.items()},
             "empty_maps": {m: int(sum(n == 0 for n in v)) for m, v in nonzero.items()}, "maps": len(lesions),
-            "patches": int(sum(out["all patches"].values())), "top": top}
+            "patches": int(sum(out["all patches"].values())), "top": top, "examples": examples}
+
+
+def plot(out: Path, faith: dict, examples) -> Path:
+    """Mean deletion / insertion curves of the faithfulness run, and a few derm lesions' maps, last block
+    against all blocks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = ("medgrad", "medgrad_all", "gradcam", "integrated_gradients", "random")
+    cols = ("image",) + OURS[:1] + ALL_BLOCKS[:1]
+    fig = plt.figure(figsize=(11, 3 + 2.2 * len(examples)))
+    grid = fig.add_gridspec(1 + len(examples), 2 * len(cols), height_ratios=[1.4] + [1] * len(examples))
+    x = faith["fractions"]
+    for j, kind in enumerate(("deletion", "insertion")):
+        ax = fig.add_subplot(grid[0, j * len(cols):(j + 1) * len(cols)])
+        for m in shown:
+            ax.plot(x, faith["mean_curves"][m][kind], label=m, lw=2 if m.startswith("medgrad") else 1)
+        ax.set(title=f"{kind} ({'lower' if kind == 'deletion' else 'higher'} area is better)",
+               xlabel="share of patches removed" if kind == "deletion" else "share of patches restored",
+               ylabel="p(target)")
+        if j:
+            ax.legend(fontsize=7)
+    for r, (img, mask, maps) in enumerate(examples):
+        for c, name in enumerate(cols):
+            ax = fig.add_subplot(grid[1 + r, 2 * c:2 * c + 2])
+            ax.imshow(img)
+            if name != "image":
+                h = np.kron(maps[name], np.ones((img.shape[0] // maps[name].shape[0],) * 2))
+                ax.imshow(h, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                ax.set_title(f"{name}{' (empty)' if maps[name].max() <= 0 else ''}", fontsize=8)
+            ax.contour(mask, levels=[0.5], colors="w", linewidths=0.8)
+            ax.axis("off")
+    fig.tight_layout()
+    path = Path(out).with_suffix(".png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
@@ -88,10 +135,13 @@ def main(argv=None):
             rows[oid] = {"p": dict(zip(ARMS, map(float, p))), "box_share": float(box.mean())}
             if GROUPS["derm lesion (target: diagnosis)"](oid):
                 lesions.append((img, emb[text], mask))
-    faith = {o["id"]: o for o in json.loads(Path(a.faithfulness).read_text())["objects"]}
+    faith_run = json.loads(Path(a.faithfulness).read_text())
+    faith = {o["id"]: o for o in faith_run["objects"]}
     if missing := sorted(set(rows) - set(faith)):
         sys.exit(f"{a.faithfulness} lacks {len(missing)} of these objects (e.g. {missing[0]}): "
                  f"run explain.py with the same --n-images ({a.n_images})")
+    if lacking := [m for m in METHODS if m not in next(iter(faith.values()))["methods"]]:
+        sys.exit(f"{a.faithfulness} has no rows for {', '.join(lacking)}: rerun explain.py (it now adds them)")
     look = where_maps_look(bundle, lesions)
     lines = [header("Where the explained score lives: the object's box alone and removed"),
              "- model: the embedded default CLIP; objects: those of `benchmarks/explain.py` (held-out phantoms, "
@@ -124,12 +174,13 @@ def main(argv=None):
               "| map | empty maps | non-zero patches per map (of 196) | interior | border | outside |",
               "|---|---|---|---|---|---|",
               f"| all patches (reference) | – | – | {g['interior']:.3f} | {g['border']:.3f} | {g['outside']:.3f} |"]
-    for m in ("medgrad", "grad_eclip"):
+    for m in OURS:
         v = look["shares"][m]
         lines.append(f"| {m} top {look['top']} | {look['empty_maps'][m]} / {look['maps']} | "
                      f"{look['nonzero_patches'][m]:.1f} | {v['interior']:.3f} | "
                      f"{v['border']:.3f} | {v['outside']:.3f} |")
-    lines.append("")
+    png = plot(a.out, faith_run, look.pop("examples"))
+    lines += ["", f"![mean deletion/insertion curves and derm lesions, last block against all blocks]({png.name})", ""]
     write_results(a.out, lines, {"args": vars(a), "groups": out, "where_maps_look": look, "objects": rows})
 
 

@@ -80,6 +80,17 @@ def test_float32_map_and_negated_prompt(server):
     np.testing.assert_allclose(pos, neg, atol=1e-5)  # "no X" is explained by the evidence for X
 
 
+def test_all_blocks_is_a_choice_and_changes_the_map(server):
+    assert requests.get(server.url + "/info/").json()["models"]["explain"]["config"]["blocks"] == ["last", "all"]
+    image = first(server, "chest")
+    last, rl = float_map(server, image, {"target": "cardiomegaly"})
+    every, ra = float_map(server, image, {"target": "cardiomegaly", "blocks": "all"}, "all.nrrd")
+    two, r2 = float_map(server, image, {"target": "cardiomegaly", "blocks": "2"}, "two.nrrd")
+    assert rl["blocks"] == 1 and ra["blocks"] > 2 and r2["blocks"] == 2
+    assert every.shape == last.shape and abs(every.max() - 1) < 0.01
+    assert np.abs(every - last).max() > 0.05 and np.abs(every - two).max() > 0.05
+
+
 def test_volume_is_explained_slice_wise_on_one_scale(server):
     image = first(server, "ct")
     heat, res = float_map(server, image, {"target": "lung nodule"}, "ct.nrrd")
@@ -93,6 +104,9 @@ def test_volume_is_explained_slice_wise_on_one_scale(server):
     ({"target": "nodule", "radius": 0}, "'radius' must be > 0"),
     ({"target": "nodule", "result_dtype": "float32", "result_extension": ".png"}, "cannot hold floats"),
     ({"target": "nodule", "method": "magic"}, "magic"),
+    ({"target": "nodule", "blocks": "many"}, "'blocks' must be"),
+    ({"target": "nodule", "blocks": 99}, "'blocks' must be in [1,"),
+    ({"target": "nodule", "method": "attention", "blocks": "all"}, "blocks > 1 applies to medgrad and grad_eclip"),
 ])
 def test_explain_bad_input(server, params, words):
     r = slicer_post(f"{server.url}/infer/explain?image={first(server, 'chest')}", params)

@@ -109,6 +109,54 @@ def test_channel_weights_are_the_gradient_of_the_cosine(bundle, pv, target):
     assert abs(float(s2 - s.detach()) / eps - float(g.norm())) < 0.05 * float(g.norm())
 
 
+def test_all_blocks_sum_each_blocks_own_gradient_and_weights(bundle, pv, target):
+    vm = bundle.model.vision_model
+    n = len(vm.encoder.layers)
+    assert n >= 2
+    one, every = last_block(bundle, pv, target.embedding), last_block(bundle, pv, target.embedding, blocks=n)
+    assert len(every.probes) == n and every.probe.layer is vm.encoder.layers[-1]
+    torch.testing.assert_close(every.grad, one.grad, atol=1e-6, rtol=1e-5)  # hooks earlier on change nothing
+    torch.testing.assert_close(every.cosine, one.cosine, atol=1e-6, rtol=0)
+    # the first block's gradient from an independent forward: its attention output a leaf, the rest written out
+    layer, a = vm.encoder.layers[0], vm.encoder.layers[0].self_attn
+    with torch.no_grad():
+        x = vm.pre_layrnorm(vm.embeddings(pv))
+        h = layer.layer_norm1(x)
+        heads = [t(h).view(1, -1, 4, 32).transpose(1, 2) for t in (a.q_proj, a.k_proj, a.v_proj)]
+        o = (((heads[0] @ heads[1].transpose(-1, -2)) / 32 ** 0.5).softmax(-1) @ heads[2]).transpose(1, 2).reshape(1, -1, 128)
+    o.requires_grad_(True)
+    y = x + a.out_proj(o)
+    y = y + layer.mlp(layer.layer_norm2(y))
+    for blk in vm.encoder.layers[1:]:
+        y = blk(y, None)
+        y = y[0] if isinstance(y, tuple) else y
+    s = F.normalize(bundle.model.visual_projection(vm.post_layernorm(y[:, 0])), dim=-1) @ target.embedding
+    g = torch.autograd.grad(s.sum(), o)[0][:, 0]
+    assert g.abs().max() > 0
+    torch.testing.assert_close(every.grads[0], g, atol=1e-6, rtol=1e-4)
+    # the map is the ReLU of the summed signed per-block contributions, not a sum of per-block maps
+    per = []
+    for p, gr in zip(every.probes, every.grads):
+        c = torch.einsum("bhd,bhnd->bhn", gr.view(1, 4, 32), p.v[:, :, 1:])
+        qn, kn = F.normalize(p.q[:, :, 0], dim=-1), F.normalize(p.k[:, :, 1:], dim=-1)
+        cs = torch.einsum("bhd,bhnd->bhn", qn, kn)
+        lo, hi = cs.amin(-1, keepdim=True), cs.amax(-1, keepdim=True)
+        per.append((c * (cs - lo) / (hi - lo)).sum(1))
+    ours = explain(bundle, pv, target_embedding=target.embedding, method="grad_eclip", words=False, blocks=n)
+    want = F.relu(sum(per))[0]
+    np.testing.assert_allclose(ours["heatmap"].ravel(), (want / want.max()).numpy(), atol=1e-5)
+    assert not np.allclose(ours["heatmap"], explain(bundle, pv, target_embedding=target.embedding,
+                                                    method="grad_eclip", words=False)["heatmap"], atol=1e-3)
+    assert ours["blocks"] == n
+
+
+@pytest.mark.parametrize("blocks,method", [(0, "medgrad"), (99, "grad_eclip"), (1.5, "medgrad"), (True, "medgrad"),
+                                           (2, "attention"), (2, "grad_eclip_single_head")])
+def test_bad_blocks_are_refused(bundle, pv, target, blocks, method):
+    with pytest.raises(ValueError, match="blocks"):
+        explain(bundle, pv, target_embedding=target.embedding, method=method, blocks=blocks)
+
+
 @pytest.mark.parametrize("method", ["medgrad", "grad_eclip", "grad_eclip_single_head", "attention"])
 def test_heatmap_shape_and_range(bundle, pv, method):
     r = explain(bundle, pv, target_text="nodule", method=method, words=False)

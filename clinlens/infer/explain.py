@@ -3,7 +3,10 @@
 
 - Target: the config `target` (findings and concepts; Slicer shows a choice box) or free text in
   `prompt` (negated prompts included: "no effusion" explains the effusion evidence, flagged
-  `negated`). `method`, `radius` (entropy disk, px at 224²) and `entropy_on` pass through.
+  `negated`). `method`, `radius` (entropy disk, px at 224²) and `entropy_on` pass through. `blocks`:
+  "last" (the paper's last block, the default: ~1.4x a forward), "all" (the signed contributions of every
+  vision block summed: more faithful on the phantoms, ~2.6x a forward; benchmarks/results/explain*.md),
+  or a number of last blocks.
 - Stock Slicer/OHIF: a labelmap of quantised heat levels named "heat 80-100% · nodule".
 - Plugins: `result_dtype: float32` gives the float heatmap as NRRD or NIfTI.
 - JSON: the top regions (boxes of the hottest connected areas) and the word importances.
@@ -21,6 +24,17 @@ from clinlens.explain.grad_eclip import METHODS, explain, explain_volume
 from clinlens.infer.base import ClinlensInfer
 
 FLOAT_EXTS = (".nrrd", ".nii.gz", ".nii")
+BLOCKS = ("last", "all")
+
+
+def blocks_option(request: dict, depth: int) -> int:
+    """`blocks`: "last" -> 1, "all" -> the vision tower's depth, or a number of last blocks in 1..depth."""
+    value = choice_option(request, "blocks", BLOCKS[0])
+    if value in BLOCKS:
+        return 1 if value == "last" else depth
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise RequestError(f"'blocks' must be 'last', 'all' or a number of last blocks in [1, {depth}], got {value!r}")
+    return number_option({"blocks": value}, "blocks", 1, int, 1, depth)
 
 
 def heat_levels(heat: np.ndarray, levels: int, floor: float) -> np.ndarray:
@@ -57,8 +71,8 @@ class ExplainInfer(ClinlensInfer):
     def __init__(self, clip, targets: list[str]):
         super().__init__(type=InferType.SEGMENTATION, labels=[], dimension=2,
                          description="Why: MedGrad E-CLIP heatmap for a finding, concept or free text",
-                         config={"target": list(targets), "method": list(METHODS), "radius": 5.0, "levels": 4,
-                                 "floor": 0.2})
+                         config={"target": list(targets), "method": list(METHODS), "blocks": list(BLOCKS),
+                                 "radius": 5.0, "levels": 4, "floor": 0.2})
         self.clip = clip
         self.targets = list(targets)
 
@@ -85,7 +99,9 @@ class ExplainInfer(ClinlensInfer):
                                f"{ext} cannot hold floats")
         p = parse_prompts(request, image.size_ijk, dimension=2)
         bundle = self.clip.get()
-        kw = dict(target_text=target, method=method, radius=radius, entropy_on=request.get("entropy_on", "image"))
+        blocks = blocks_option(request, len(bundle.model.vision_model.encoder.layers))
+        kw = dict(target_text=target, method=method, radius=radius, entropy_on=request.get("entropy_on", "image"),
+                  blocks=blocks)
         try:
             if len(image.spatial_shape) == 3 and not image.is_rgb and p.slice is None:
                 vol = image.array
@@ -101,7 +117,8 @@ class ExplainInfer(ClinlensInfer):
             raise RequestError(str(e)) from e
         shown = r.get("target") or target
         result = {"target": target, "explained": shown, "negated": bool(r.get("negated")), "method": method,
-                  "top_regions": top_regions(heat), "words": words, "scale": r.get("scale"), **evidence(heat, shown)}
+                  "blocks": blocks, "top_regions": top_regions(heat), "words": words, "scale": r.get("scale"),
+                  **evidence(heat, shown)}
         if as_float:
             out = heat
             result["label_names"] = {f"heat · {shown}": 1}
