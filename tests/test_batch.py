@@ -330,6 +330,16 @@ def test_cli_exit_codes(inputs, tmp_path, capsys):
     folder = series_dir(tmp_path / "o3", D.SeriesSpec(CT5N_UID, _study_of(CT5N)))
     res = json.loads((folder / "result.json").read_text())
     assert "classification" not in res and res["segmentation"][0]["prompt"] == PROMPT
+    # heatmaps over all vision blocks: another configuration, said in the result; a bad value is exit 2
+    assert run(str(inputs), "-o", str(tmp_path / "o4"), "--explain-blocks", "many") == 2
+    assert "explain blocks must be" in capsys.readouterr().err
+    code = run(str(inputs / "pydicom" / "dicomdirtests" / "98892001"), "-o", str(tmp_path / "o5"), "--series",
+               CT5N_UID, "--tasks", "explain", "--explain-target", PROMPT, "--explain-blocks", "all", "--workers", "0",
+               "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((series_dir(tmp_path / "o5", D.SeriesSpec(CT5N_UID, _study_of(CT5N))) / "result.json").read_text())
+    assert res["explanations"][0]["blocks"] > 1 and res["config"]["explain_blocks"] == "all"
+    assert BatchConfig(out_dir="x", explain_blocks="all").fingerprint() != BatchConfig(out_dir="x").fingerprint()
 
 
 def _study_of(folder) -> str:

@@ -49,6 +49,7 @@ class BatchConfig:
     threshold: float = 0.5              # text-match probability a region must reach
     explain_targets: tuple = ()         # default: the prompts, else the top class
     explain_method: str = "medgrad"
+    explain_blocks: str = "last"        # "last" (the paper's block), "all" or a number of last vision blocks
     clip_dir: str | None = None         # a local HF CLIP dir (default: the configured / shipped one)
     model_dir: str | None = None        # published region / CSR models (else the ones beside the CLIP)
     device: str | None = None           # None: CUDA when available
@@ -59,6 +60,9 @@ class BatchConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
+        b = str(self.explain_blocks)
+        if b not in ("last", "all") and not (b.isdigit() and int(b) >= 1):
+            raise ValueError(f"explain blocks must be 'last', 'all' or a number of last blocks >= 1, got {b!r}")
 
     @property
     def segment_prompts(self) -> tuple:
@@ -83,6 +87,8 @@ class BatchConfig:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out_dir", "threads", "keep_staging",
                                                                            "device")}
         d["prompts"] = list(self.segment_prompts) if "segment" in self.tasks else []
+        if d["explain_blocks"] == "last":  # the default before the option: earlier runs stay complete
+            del d["explain_blocks"]
         d["models"] = self.model_files()
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -282,16 +288,19 @@ def run_classify(models: Models, vol: np.ndarray, family: str, batch: int = 8) -
             "slice_top_class": [model.classes[int(i)] for i in probs.argmax(1)]}
 
 
-def run_explain(models: Models, vol: np.ndarray, target: str, method: str) -> tuple[np.ndarray, dict]:
+def run_explain(models: Models, vol: np.ndarray, target: str, method: str, blocks: str = "last"
+                ) -> tuple[np.ndarray, dict]:
     from clinlens.data.image_io import to_unit_rgb
     from clinlens.explain.grad_eclip import explain_volume
-    from clinlens.infer.explain import top_regions
+    from clinlens.infer.explain import blocks_option, top_regions
 
-    r = explain_volume(models.clip.get(), lambda z: to_unit_rgb(vol[z]), vol.shape[0], target_text=target,
-                       method=method)
+    bundle = models.clip.get()
+    n = blocks_option({"blocks": blocks}, len(bundle.model.vision_model.encoder.layers))
+    r = explain_volume(bundle, lambda z: to_unit_rgb(vol[z]), vol.shape[0], target_text=target, method=method,
+                       blocks=n)
     heat = np.asarray(r["upsampled"], np.float32)
     return heat, {"target": target, "explained": r.get("target") or target, "negated": bool(r.get("negated")),
-                  "method": method, "scale": float(r["scale"]), "top_regions": top_regions(heat)}
+                  "method": method, "blocks": n, "scale": float(r["scale"]), "top_regions": top_regions(heat)}
 
 
 # ----------------------------------------------------------------------------- the per-series function
@@ -377,7 +386,7 @@ def _run_and_write(spec, config, models, vol, geom, sources, stage, out: Path, f
         t = time.perf_counter()
         result["explanations"] = []
         for i, target in enumerate(targets):
-            heat, info = run_explain(models, vol, target, config.explain_method)
+            heat, info = run_explain(models, vol, target, config.explain_method, config.explain_blocks)
             dsets = O.heatmap_datasets(sources, heat, target, config.explain_method, seed, index=i)
             names = []
             for k, ds in enumerate(dsets):
@@ -404,6 +413,7 @@ def _run_and_write(spec, config, models, vol, geom, sources, stage, out: Path, f
                    "frame_of_reference_uid": geom.get("frame_of_reference_uid", ""),
                    "sop_instance_uids": [str(s.SOPInstanceUID) for s in sources]},
         "config": {"tasks": list(config.tasks), "threshold": config.threshold, "explain_method": config.explain_method,
+                   "explain_blocks": config.explain_blocks,
                    "fingerprint": fp, "device": models.device},
         "outputs": files, "timings": timings, **result,
     }
