@@ -284,15 +284,16 @@ def test_target_embedding_and_bad_targets(bundle, pv, target):
         explain(bundle, pv, target_text="nodule", method="gradcam")
 
 
-def test_volume_uses_one_scale(bundle):
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_volume_uses_one_scale(bundle, blocks):
     imgs = [_image(s) for s in (4, 5, 6)]
-    vol = explain_volume(bundle, lambda z: imgs[z], 3, target_text="nodule", batch_size=2)
+    vol = explain_volume(bundle, lambda z: imgs[z], 3, target_text="nodule", batch_size=2, blocks=blocks)
     hm = vol["heatmaps"]
     assert hm.shape == (3, 14, 14) and vol["upsampled"].shape == (3, 224, 224) and vol["cosines"].shape == (3,)
     per_slice = hm.reshape(3, -1).max(1)
     assert hm.max() == pytest.approx(1.0) and per_slice.min() < 0.999  # a weaker slice is not stretched to 1
     for z in range(3):  # each slice is its 2D explanation times (its max / the volume max)
-        r = explain(bundle, image=imgs[z], target_text="nodule", words=False)
+        r = explain(bundle, image=imgs[z], target_text="nodule", words=False, blocks=blocks)
         np.testing.assert_allclose(hm[z], r["heatmap"] * r["scale"] / vol["scale"], atol=1e-5)
         assert vol["cosines"][z] == pytest.approx(r["cosine"], abs=1e-5)
 
