@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 from test_server import assert_still_serving
 
 from clinlens.server import read_multipart, slicer_post
@@ -66,9 +67,31 @@ def test_an_empty_heatmap_is_said_in_words():
     assert float(flat["upsampled"].max()) == 0
     e = evidence(flat["upsampled"], "nodule")
     assert e["evidence"] is False and "nodule" in e["message"] and "empty" in e["message"]
+    assert "blocks" not in e["message"] and "'blocks': 'all'" in evidence(flat["upsampled"], "nodule", True)["message"]
     rng = np.random.default_rng(0)
     textured = explain(bundle, image=rng.random((224, 224, 3), dtype=np.float32), target_text="nodule", method="medgrad")
     assert evidence(textured["upsampled"], "nodule") == {"evidence": True}
+
+
+def test_all_blocks_fill_a_diagnosis_the_last_block_leaves_empty():
+    """A held-out derm phantom (benchmarks/explain.py's derm5) whose last-block map of its diagnosis is empty."""
+    from clinlens.data.image_io import to_unit_rgb
+    from clinlens.data.phantoms import make_derm
+    from clinlens.explain.grad_eclip import explain
+    from clinlens.infer.explain import evidence
+    from clinlens.models.clip import load_clip
+
+    bundle = load_clip(None, device="cpu")
+    s = make_derm(70 * 1_000_003 + 900_000 + 5, size=224)
+    img = to_unit_rgb(s.image)
+    last = explain(bundle, image=img, target_text=s.diagnosis, method="medgrad", words=False)
+    every = explain(bundle, image=img, target_text=s.diagnosis, method="medgrad", words=False, blocks=6)
+    assert evidence(last["upsampled"], s.diagnosis, True)["evidence"] is False
+    assert evidence(every["upsampled"], s.diagnosis) == {"evidence": True}
+    lesion, heat = s.masks["lesion"].astype(bool), every["upsampled"]
+    # and it is on the lesion: the peak within 8 px of it (a patch is 16), more heat inside than outside
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    assert ndi.binary_dilation(lesion, iterations=8)[y, x] and heat[lesion].mean() > heat[~lesion].mean()
 
 
 def test_float32_map_and_negated_prompt(server):

@@ -44,13 +44,17 @@ def heat_levels(heat: np.ndarray, levels: int, floor: float) -> np.ndarray:
     return np.where(heat >= floor, lab, 0).astype(np.uint8)
 
 
-def evidence(heat: np.ndarray, shown: str) -> dict:
-    """Whether any pixel has heat. A map can be empty (every patch's weighted contribution negative, or an
-    image with no local entropy for MedGrad); the JSON says so in words instead of leaving an empty labelmap."""
+def evidence(heat: np.ndarray, shown: str, more_blocks: bool = False) -> dict:
+    """Whether any pixel has heat. A map can be empty (every patch's weighted contribution negative); the JSON
+    says so in words instead of leaving an empty labelmap, and with `more_blocks` (a Grad-ECLIP/MedGrad map
+    over fewer than all blocks) says what to ask instead."""
     if float(np.max(heat, initial=0.0)) > 0:
         return {"evidence": True}
-    return {"evidence": False,
-            "message": f"no region raises the image's match with {shown!r}: the heatmap is empty"}
+    msg = f"no region raises the image's match with {shown!r}: the heatmap is empty"
+    if more_blocks:
+        msg += ("; the blocks explained may carry none (on the default model the last block alone has none for "
+                "about a third of the derm diagnoses): ask 'blocks': 'all'")
+    return {"evidence": False, "message": msg}
 
 
 def top_regions(heat: np.ndarray, level: float = 0.8, n: int = 3) -> list[dict]:
@@ -99,7 +103,8 @@ class ExplainInfer(ClinlensInfer):
                                f"{ext} cannot hold floats")
         p = parse_prompts(request, image.size_ijk, dimension=2)
         bundle = self.clip.get()
-        blocks = blocks_option(request, len(bundle.model.vision_model.encoder.layers))
+        depth = len(bundle.model.vision_model.encoder.layers)
+        blocks = blocks_option(request, depth)
         kw = dict(target_text=target, method=method, radius=radius, entropy_on=request.get("entropy_on", "image"),
                   blocks=blocks)
         try:
@@ -118,7 +123,7 @@ class ExplainInfer(ClinlensInfer):
         shown = r.get("target") or target
         result = {"target": target, "explained": shown, "negated": bool(r.get("negated")), "method": method,
                   "blocks": blocks, "top_regions": top_regions(heat), "words": words, "scale": r.get("scale"),
-                  **evidence(heat, shown)}
+                  **evidence(heat, shown, method in ("medgrad", "grad_eclip") and blocks < depth)}
         if as_float:
             out = heat
             result["label_names"] = {f"heat · {shown}": 1}
