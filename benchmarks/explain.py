@@ -8,9 +8,9 @@ seeds as in interactive_seg.py (>= 70,900,210).
 Methods: `clinlens.explain.grad_eclip.explain` with method medgrad / grad_eclip /
 grad_eclip_single_head / attention, MedGrad and Grad-ECLIP over all vision blocks (`blocks` = the tower's
 depth: each block's signed contributions summed before the ReLU; the number of blocks, 1 to 6, was chosen on
-validation phantoms of seed bases 5 and 6, 20 images per family, `--seed-base`, where all six gave the
-lowest deletion and highest insertion AUC of both methods on both bases), a random map (uniform noise on the patch grid), Grad-CAM
-(pytorch-grad-cam on the last block's layer_norm1 with the ViT token reshape) and captum
+validation phantoms of seed bases 5 and 6, 20 images per family: benchmarks/explain_blocks.py), a random
+map (uniform noise on the patch grid), Grad-CAM (pytorch-grad-cam on the last block's layer_norm1 with the
+ViT token reshape) and captum
 IntegratedGradients (32 steps from the blurred image, |attribution| summed over channels), both on
 the same image-text cosine, pooled to the patch grid.
 
