@@ -197,10 +197,24 @@ def energy_in_box(up: np.ndarray, box) -> float:
 
 
 def method_blocks(bundle, kind: str) -> tuple[str, int]:
-    """A row name -> (`explain` method, blocks): "medgrad_all" is MedGrad over every vision block."""
+    """A row name -> (`explain` method, blocks): "medgrad_all" is MedGrad over every vision block,
+    "medgrad@3" over the last 3."""
     if kind in ALL_BLOCKS:
         return kind.removesuffix("_all"), len(bundle.model.vision_model.encoder.layers)
+    if "@" in kind:
+        meth, k = kind.split("@")
+        return meth, int(k)
     return kind, 1
+
+
+def map_metrics(bundle, h, img, base, emb, fracs, ends, mask, rng) -> dict:
+    """Deletion / insertion curves and AUCs, pointing game and emptiness of one grid heatmap `h`."""
+    grid = h.shape
+    d, i = curves(bundle, img, base, ranking(h, rng), grid, emb, fracs, ends)
+    peak = cell_box(int(np.argmax(h)), grid, img.shape[0])
+    return {"deletion_auc": auc(d, fracs), "insertion_auc": auc(i, fracs),
+            "pointing": bool(h.max() > 0 and hits(peak, mask)), "zero_map": bool(h.max() <= 0),
+            "deletion": d.tolist(), "insertion": i.tolist()}
 
 
 def heatmap(bundle, method, pv, img, tgt, rng, grid, base_pv=None):
@@ -337,13 +351,8 @@ def main(argv=None):
                     cos_check.append(abs(out["cosine"] - float(ends[0])))
                 if out is not None and out["explained_cosine"] is not None:
                     sh_gap.append(abs(out["explained_cosine"] - out["cosine"]))
-                order = ranking(h, rng)
-                d, i = curves(bundle, img, base, order, grid, emb_eval, fracs, ends)
-                peak = cell_box(int(np.argmax(h)), grid, a.size)
-                row["methods"][meth] = {"deletion_auc": auc(d, fracs), "insertion_auc": auc(i, fracs),
-                                        "pointing": bool(h.max() > 0 and hits(peak, mask)),
-                                        "energy_in_box": energy_in_box(up, box), "zero_map": bool(h.max() <= 0),
-                                        "deletion": d.tolist(), "insertion": i.tolist()}
+                row["methods"][meth] = (map_metrics(bundle, h, img, base, emb_eval, fracs, ends, mask, rng)
+                                        | {"energy_in_box": energy_in_box(up, box)})
             cells = sum(hits(cell_box(c, grid, a.size), mask) for c in range(grid[0] * grid[1]))
             row["pointing_chance"] = cells / (grid[0] * grid[1])
             rows.append(row)

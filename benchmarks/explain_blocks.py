@@ -18,10 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, header, write_results  # noqa: E402
-from concepts import cell_box, hits  # noqa: E402
-from explain import auc, boot_ci, curves, heatmap, objects, ranking, rivals, scores  # noqa: E402
+from explain import boot_ci, heatmap, map_metrics, objects, rivals, scores  # noqa: E402
 
-from clinlens.explain.grad_eclip import explain, resolve_target  # noqa: E402
+from clinlens.explain.grad_eclip import resolve_target  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
 
 BASELINES = ("gradcam", "random")
@@ -42,19 +41,10 @@ def run_base(bundle, base: int, n_images: int, depth: int, fracs) -> dict:
             pv = bundle.pixel_values(img)
             for i, name in enumerate(names):
                 rng = np.random.default_rng([base, j, i, fam == "derm"])
-                if "@" in name:
-                    meth, k = name.split("@")
-                    h = explain(bundle, pv, target_embedding=targets[text].embedding, method=meth, image=img,
-                                words=False, blocks=int(k))["heatmap"]
-                else:
-                    h = heatmap(bundle, name, pv, img, targets[text], rng, (14, 14))[0]
-                grid = h.shape
-                d, ins = curves(bundle, img, mean, ranking(h, rng), grid, emb, fracs, ends)
-                r = res[name]
-                r["deletion_auc"].append(auc(d, fracs))
-                r["insertion_auc"].append(auc(ins, fracs))
-                r["pointing"].append(bool(h.max() > 0 and hits(cell_box(int(np.argmax(h)), grid, 224), mask)))
-                r["zero_map"].append(bool(h.max() <= 0))
+                h = heatmap(bundle, name, pv, img, targets[text], rng, (14, 14))[0]
+                m = map_metrics(bundle, h, img, mean, emb, fracs, ends, mask, rng)
+                for k, v in res[name].items():
+                    v.append(m[k])
         print(f"seed base {base}: {fam} done", flush=True)
     return res
 
