@@ -277,7 +277,7 @@ def time_costs(bundle, items, repeats: int, seed: int, methods=COST_ROWS) -> dic
 
 def vit_b16_bundle():
     """A ViT-B/16-sized CLIP (random weights; cost does not depend on them) as a ClipBundle."""
-    from latency import vit_b16
+    from common import vit_b16
 
     from clinlens.models.clip import ClipBundle, Preprocess
 

@@ -25,26 +25,15 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from common import RESULTS, header, write_results  # noqa: E402
+from common import RESULTS, header, median_ms, vit_b16, write_results  # noqa: E402
 from clinlens.server import read_multipart, slicer_post  # noqa: E402  (requests exactly as Slicer sends them)
 
 from clinlens.data.image_io import load_image, to_unit_rgb  # noqa: E402
 from clinlens.data.studies import make_studies  # noqa: E402
-from clinlens.models.clip import load_clip, small_clip_config  # noqa: E402
+from clinlens.models.clip import load_clip  # noqa: E402
 from clinlens.models.region_clip import RegionCLIP  # noqa: E402
 from clinlens.models.region_predictor import RegionPredictor  # noqa: E402
 from clinlens.server import Server  # noqa: E402
-
-
-def median_ms(fn, n: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
 
 
 def model_rows(model: RegionCLIP, pixels: torch.Tensor, n: int, warmup: int) -> dict:
@@ -60,17 +49,6 @@ def model_rows(model: RegionCLIP, pixels: torch.Tensor, n: int, warmup: int) -> 
         cached = median_ms(lambda: model.forward_from_trunk(hidden, pts, lab, None, mp), n, warmup)
     params = sum(p.numel() for p in model.clip.vision_model.parameters()) / 1e6
     return {"full_ms": full, "cached_ms": cached, "ratio": cached / full, "vision_params_M": params}
-
-
-def vit_b16() -> RegionCLIP:
-    """ViT-B/16 vision tower (224 px, patch 16, width 768, 12 layers, 12 heads), random weights, small text tower."""
-    from transformers import CLIPModel
-
-    torch.manual_seed(0)
-    cfg = small_clip_config(1000, 0, 1, 2, vision=dict(image_size=224, patch_size=16, hidden_size=768,
-                                                       intermediate_size=3072, num_hidden_layers=12,
-                                                       num_attention_heads=12))
-    return RegionCLIP(CLIPModel(cfg).eval(), k=2).eval()
 
 
 def pct(xs, q) -> float:

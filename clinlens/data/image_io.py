@@ -2,6 +2,7 @@
 
 Arrays are in array order, as SimpleITK returns them: 2D [y, x] (RGB [y, x, 3]), 3D [z, y, x].
 Viewer indices (IJK) are the reverse; `clinlens.data.conventions` owns that mapping.
+SimpleITK is imported where it is used, so the array helpers (`to_unit_rgb`) load without it.
 """
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from clinlens.data.conventions import RequestError
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 IMAGE_EXTS = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".mha", ".mhd")
 
@@ -46,6 +50,8 @@ class LoadedImage:
 
 
 def _read(path: str) -> sitk.Image:
+    import SimpleITK as sitk
+
     if os.path.isdir(path):
         from clinlens.data.dicom_io import read_series, to_sitk
 
@@ -58,6 +64,8 @@ def _read(path: str) -> sitk.Image:
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
     """Load a 2D/3D image or a DICOM series folder; raise `RequestError` if it is not an image."""
+    import SimpleITK as sitk
+
     path = str(path)
     if not path or not os.path.exists(path):
         raise RequestError(f"image file not found: {path!r}", status=404)
@@ -79,6 +87,8 @@ def write_label(mask: np.ndarray, like: LoadedImage, ext: str | None = None, out
     `ext` defaults to the image's own format (Slicer); OHIF asks for `.nrrd`. A DICOM folder or
     an RGB PNG gets NIfTI/PNG labels respectively.
     """
+    import SimpleITK as sitk
+
     mask = np.asarray(mask)
     if mask.shape != like.spatial_shape:
         raise ValueError(f"label shape {mask.shape} != image shape {like.spatial_shape}")

@@ -99,7 +99,7 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr: float, seed: int = 0, prune=(),
             progress: bool = False, fire=None) -> tuple[list[dict], float | None, list[int]]:
-    """Stages 1-3 by gradient on cached features (Adam, cosine schedule; class labels -1 = unknown),
+    """Stages 1-3 by gradient on cached features (Adam, cosine schedule, bf16 autocast on CUDA; class labels -1 = unknown),
     then any pruning, then stage 4 (the task head) refitted to convergence. `fire` = (indices of the
     images with the region, their region masks, share): the prototypes firing on the region in more
     than that share of them are pruned too. Returns (loss history, refit accuracy or None when no image
@@ -117,8 +117,9 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
         idx = torch.randint(len(feats), (min(batch, len(feats)),), generator=g)
         c = cls[idx]
         r = regions[idx]
-        out = model.losses(y[idx], c if (c >= 0).all() else None, features=feats[idx],
-                           region_masks=r if r.any() else None)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+            out = model.losses(y[idx], c if (c >= 0).all() else None, features=feats[idx],
+                               region_masks=r if r.any() else None)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
         opt.step()

@@ -30,11 +30,11 @@ DEFAULTS = dict(seed=0, steps=800, batch=96, lr=5e-4, counts={"chest": 1400, "de
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Mild intensity jitter (B, 3, S, S) in [0, 1]: contrast, brightness, gamma, noise. No flips (laterality)."""
-    b = x.shape[0]
-    r = lambda lo, hi: lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=g)  # noqa: E731
+    b, dev = x.shape[0], g.device  # drawn where `g` lives (x's device), so a GPU run augments on the GPU
+    r = lambda lo, hi: lo + (hi - lo) * torch.rand(b, 1, 1, 1, generator=g, device=dev)  # noqa: E731
     x = (x - 0.5) * r(0.8, 1.25) + 0.5 + r(-0.08, 0.08)
     x = x.clamp(0, 1) ** r(0.8, 1.25)
-    return (x + 0.02 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return (x + 0.02 * torch.randn(x.shape, generator=g, device=dev)).clamp(0, 1)
 
 
 def publish_dir(src: Path, dst: Path) -> None:
@@ -64,6 +64,8 @@ def train_default(out_dir: str | Path = DEFAULT_CLIP_DIR, seed: int = DEFAULTS["
     dev = torch.device(device) if device else default_device()
     pairs = build_pairs(counts, seed, size, progress=progress)
     images = torch.from_numpy(pairs.array()).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, S, S)
+    if dev.type == "cuda":  # the whole set fits (uint8): no host-to-device copy or host augmentation per step
+        images = images.to(dev)
     n = len(pairs)
     log(f"{n} pairs ({sum(k == 'region' for k in pairs.kind)} region crops) in {time.time() - t0:.0f}s")
 
@@ -77,9 +79,10 @@ def train_default(out_dir: str | Path = DEFAULT_CLIP_DIR, seed: int = DEFAULTS["
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    g = torch.Generator().manual_seed(seed)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073), device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711), device=images.device).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(seed)  # batch indices (CPU)
+    g_aug = torch.Generator(device=images.device).manual_seed(seed) if dev.type == "cuda" else g
     rng = np.random.default_rng(seed)
     max_len = config.text_config.max_position_embeddings
     amp = dev.type == "cuda"
@@ -91,7 +94,7 @@ def train_default(out_dir: str | Path = DEFAULT_CLIP_DIR, seed: int = DEFAULTS["
         # out by the many true negations of a report
         pools = [pairs.positives[i] if rng.random() < 0.5 else pairs.captions[i] for i in idx.tolist()]
         caps = [pool[rng.integers(len(pool))] for pool in pools]
-        x = _augment(images[idx].float() / 255.0, g)
+        x = _augment(images[idx.to(images.device)].float() / 255.0, g_aug)
         x = ((x - mean) / std).to(dev)
         enc = tok(caps, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32, device=dev)

@@ -1,8 +1,9 @@
 """Training of the ClinCoCoOp prompt learner (methods.md §3) on cached frozen image features.
 
 Items are those of the concept trainer (`clinlens.trainers.concepts`): (id, image, concepts, class,
-drawn regions); only images with a class train. Each class's concepts (for α) come from the
-labels (`class_concepts_from_labels`). One learner per image family (`prompt_<family>.safetensors`).
+drawn regions); only images with a class train. Each class's concepts (for α) come from the labels
+(`class_concepts_from_labels`). One learner per image family (`prompt_<family>.safetensors`).
+CUDA with bf16 autocast when the bundle is on a GPU.
 """
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ def train_prompt_learner(bundle, items, out_path, concepts, classes, steps: int 
     with torch.no_grad():
         zero_acc = float((model(image_features=feats, patch_tokens=toks)["logits"].argmax(-1).cpu() == y).float().mean())
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    dev = model.device
     g = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc="train-prompts", disable=not progress, mininterval=5):
         idx = torch.randint(len(items), (min(batch, len(items)),), generator=g)
-        out = model(image_features=feats[idx], patch_tokens=toks[idx], labels=y[idx])
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = model(image_features=feats[idx], patch_tokens=toks[idx], labels=y[idx])
         opt.zero_grad(set_to_none=True)
         out["loss"]["total"].backward()
         opt.step()
