@@ -3,7 +3,7 @@ concept-bottleneck baseline on the same frozen CLIP features, and the pointing g
 maps against the finding masks, before and after atlas pruning.
 
 Atlas pruning is simulated as a clinician would do it from the atlas: a prototype whose nearest
-training patch does not touch its concept's mask in that training image is removed (a concept keeps
+training patch (among the training images labelled with its concept, `build_atlas`) does not touch its concept's mask in that training image is removed (a concept keeps
 at least its best prototype), then the task head is refitted. Families with masks: derm (spatial
 dermoscopic concepts) and chest (findings).
 
@@ -179,7 +179,8 @@ def main(argv=None):
              "probabilities.",
              "- pointing game: for each held-out image and present concept with a mask, the peak patch of the "
              "concept map (max over its prototypes) must touch the mask. Pruning: prototypes whose atlas patch "
-             "misses the concept's mask in its training image are removed, then the head is refitted.", "",
+             "(the nearest patch among the training images labelled with the prototype's concept) misses the "
+             "concept's mask in that image are removed, then the head is refitted.", "",
              "| family | classes | CSR macro-F1 | linear probe | concept bottleneck | CSR after pruning | "
              "pointing before | pointing after | pruned / prototypes | pointed objects |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -23,7 +23,8 @@ Setup (derm; the chest CSR model is near chance, see concepts.md, too weak to sh
 - CSR: `train_csr` on frozen default-CLIP features, default steps, one model per (run, variant, set).
 - Pruning arms, each followed by a refit of the task head (`refit_task_head`, logreg) on the shortcut
   training set itself (as a clinician would): *atlas*, the simulated clinician reading the atlas: every
-  prototype whose nearest training patch (atlas box) overlaps the marker box of its training image;
+  prototype whose nearest training patch (atlas box, `build_atlas`: among the images labelled with
+  its concept) overlaps the marker box of its training image;
   *k-exemplar atlas* (beyond `build_atlas`, which keeps one patch per prototype): a prototype's k most
   similar training images (`--atlas-k`), each at its peak patch, flagged when most are on the marker;
   *by name* (concept variant): the `text marker` prototypes; *counterfactual* (diagnostic only): the k
@@ -307,7 +308,7 @@ def main(argv=None):
              "- variants: *concept* = the six dermoscopic concepts + a `text marker` concept (labelled where the "
              "marker is); *latent* = the six dermoscopic concepts only.",
              "- pruning arms, each followed by a head refit (`refit_task_head`, logreg) on the shortcut training set: "
-             "*atlas* (the simulated clinician) = prototypes whose atlas patch (nearest training patch) overlaps the "
+             "*atlas* (the simulated clinician) = prototypes whose atlas patch (nearest training patch among the images labelled with its concept) overlaps the "
              "marker box in its training image; *k-exemplar atlas* (beyond `build_atlas`, which keeps one patch) = "
              f"prototypes whose {a.atlas_k} most similar training images peak on the marker in a majority of them; "
              f"*firing map* = prototypes whose similarity map peaks on the marker box in more than {a.fire_share:.0%} "

@@ -335,6 +335,30 @@ def test_atlas_pruning_and_refit(bundle, derm):
         m.refit_task_head(scores, cls)
 
 
+def test_atlas_with_labels_ties_prototypes_to_images_with_their_concept(bundle, derm):
+    pv, feats, y, _ = derm
+    m = _model(bundle)
+    n = 10
+    lab = y[:n].clone()
+    lab[:, 1] = 0  # concept 1 labelled on no image: its prototypes fall back to all images
+    ids = [f"img{i}" for i in range(n)]
+    atlas = m.build_atlas([(ids[:6], feats[:6], lab[:6]), (ids[6:], feats[6:n], lab[6:])], features=True)
+    free = m.build_atlas([(ids, feats[:n])], features=True, store=False)
+    assert m.atlas == atlas and len(atlas) == m.n_prototypes and all(e["concept_labelled"] is None for e in free)
+    maps = m.similarity_maps(feats[:n]).detach().flatten(2).amax(-1)  # (n, P) each image's peak
+    moved = 0
+    for e, f in zip(atlas, free):
+        j = m.proto_ids.tolist().index(e["prototype_id"])
+        k = int(m.proto_concept[j])
+        on = lab[:, k] > 0
+        i = int(e["image_id"][3:])
+        assert e["concept_labelled"] == bool(on.any()) and bool(on[i]) == e["concept_labelled"]
+        pool = maps[on, j] if on.any() else maps[:, j]  # the best peak among the allowed images
+        assert e["similarity"] == pytest.approx(float(pool.max()), abs=1e-5)
+        moved += e["image_id"] != f["image_id"]
+    assert any(not e["concept_labelled"] for e in atlas) and moved > 0  # both branches ran, and labels mattered
+
+
 def test_save_load_round_trip_is_bitwise(bundle, derm, tmp_path):
     pv, feats = derm[0][:3], derm[1][:3]
     m = _model(bundle)

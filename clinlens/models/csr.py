@@ -42,8 +42,8 @@ pruning on validation phantoms, derm 0.762 -> 0.809 and chest 0.255 -> 0.306 ove
 `w_k = W_clip^T t_k`, and `text_reg · mean(1 − cos(p_km, t_k))` keeps the prototypes near their
 anchors. New concepts are added by text (`add_concept_by_text`).
 
-**Atlas.** `build_atlas` ties each prototype to its nearest patch over training images (image id,
-pixel box on the model input); `prune_prototypes` removes prototypes by id, `refit_task_head`
+**Atlas.** `build_atlas` ties each prototype to its nearest patch over the training images labelled
+with its concept, as CSR's local concept vectors come from those (image id, pixel box on the model input); `prune_prototypes` removes prototypes by id, `refit_task_head`
 refits the head on stored scores. `firing_rates` says where each prototype fires: the share of
 images, each with a region (a drawn "text marker", say), on whose region its map peaks;
 `prototypes_firing_on` picks those above a share for pruning (beyond the paper's single-patch atlas).
@@ -472,36 +472,51 @@ class CSRModel(nn.Module):
         """Tie each prototype to its nearest training patch.
 
         `items` yields (image_id, pixel_values) with pixel_values (3, S, S), or (B, 3, S, S) with a
-        sequence of B ids; with `features`, cached patch features (B, D, h, w) instead of pixels.
+        sequence of B ids; with `features`, cached patch features (B, D, h, w) instead of pixels. An item
+        may carry a third element, the images' concept labels (B, K) in this model's concept order: a
+        prototype is then tied to the images labelled with its concept (CSR's local concept vectors come
+        from those images), falling back to all images only when no image has its concept.
         Returns one entry per prototype (current order): prototype_id, concept, image_id, patch
-        [row, col], box [x0, y0, x1, y1] (pixels of the model input, half-open) and similarity.
+        [row, col], box [x0, y0, x1, y1] (pixels of the model input, half-open), similarity, and
+        concept_labelled (whether that image is labelled with the concept; None without labels).
         """
         p = self.n_prototypes
-        best = torch.full((p,), float("-inf"))
-        where: list = [None] * p
+        pc = self.proto_concept.long().cpu()
+        best = {True: torch.full((p,), float("-inf")), False: torch.full((p,), float("-inf"))}  # labelled / any
+        where: dict = {True: [None] * p, False: [None] * p}
+        any_labels = False
         h, w = self.grid
-        for image_id, pv in items:
+        for image_id, pv, *lab in items:
             pv = pv[None] if pv.ndim == 3 else pv
             single = isinstance(image_id, (str, int)) or image_id is None
             ids = [image_id] if pv.shape[0] == 1 and single else list(image_id)
             f = pv.to(self.device) if features else self.features(pv.to(self.device))
             maps = self.similarity_maps(f).flatten(2).float().cpu()  # (B, P, hw)
             val, idx = maps.max(-1)  # (B, P)
+            has = None
+            if lab and lab[0] is not None:
+                any_labels = True
+                has = torch.as_tensor(lab[0]).reshape(len(ids), -1)[:, pc] > 0  # (B, P): image has the concept
             for b in range(len(ids)):
-                better = val[b] > best
-                best = torch.where(better, val[b], best)
-                for j in better.nonzero().flatten().tolist():
-                    where[j] = (ids[b], int(idx[b, j]))
+                for kind in (True, False):
+                    ok = val[b] > best[kind]
+                    if kind:
+                        ok &= has[b] if has is not None else torch.zeros_like(ok)
+                    best[kind] = torch.where(ok, val[b], best[kind])
+                    for j in ok.nonzero().flatten().tolist():
+                        where[kind][j] = (ids[b], int(idx[b, j]))
         atlas = []
         for j in range(p):
-            if where[j] is None:
+            kind = where[True][j] is not None
+            if where[kind][j] is None:
                 continue
-            img, flat = where[j]
+            img, flat = where[kind][j]
             r, c = divmod(flat, w)
             box = [round(c * self.image_size / w), round(r * self.image_size / h),
                    round((c + 1) * self.image_size / w), round((r + 1) * self.image_size / h)]
-            atlas.append({"prototype_id": int(self.proto_ids[j]), "concept": self.concepts[int(self.proto_concept[j])],
-                          "image_id": img, "patch": [r, c], "box": box, "similarity": float(best[j])})
+            atlas.append({"prototype_id": int(self.proto_ids[j]), "concept": self.concepts[int(pc[j])],
+                          "image_id": img, "patch": [r, c], "box": box, "similarity": float(best[kind][j]),
+                          "concept_labelled": kind if any_labels else None})
         if store:
             self.atlas = atlas
         return atlas

@@ -184,7 +184,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
         acc = float((out["logits"].argmax(-1).cpu()[labelled] == cls[labelled]).float().mean()) if labelled.any() else None
         auroc = _auroc(torch.sigmoid(out["concept_logits"]).cpu().numpy(), y.numpy())
     ids = [it[0] for it in items]
-    model.build_atlas([(ids[i:i + 32], feats[i:i + 32]) for i in range(0, len(ids), 32)], features=True)
+    model.build_atlas([(ids[i:i + 32], feats[i:i + 32], y[i:i + 32]) for i in range(0, len(ids), 32)], features=True)
     summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
                "drawn_regions": drawn, "pruned": sorted(set(int(i) for i in prune) | set(fired)),
                "firing_on": ({"region": prune_firing_on, "share": fire_share, "images": len(fire[0]), "pruned": fired}
