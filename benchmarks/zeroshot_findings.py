@@ -22,6 +22,7 @@ from clinlens.data.pairs import PairSet, add_phantom  # noqa: E402
 from clinlens.data.phantoms import CHEST_FINDINGS, CT_FINDINGS, DERM_CONCEPTS, DERM_DIAGNOSES, make_derm  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
 from clinlens.models.zeroshot import ZeroShotScorer  # noqa: E402
+from clinlens.trainers.negation import image_embeddings  # noqa: E402
 
 HELD_OUT = 50_000_000  # seeds far from train-default's
 
@@ -37,9 +38,10 @@ def held_out(counts: dict, size: int, seed: int) -> PairSet:
 
 
 @torch.no_grad()
-def embed(bundle, images: np.ndarray, bs: int = 128) -> torch.Tensor:
-    return torch.cat([bundle.encode_images(bundle.pixel_values(images[i:i + bs].astype(np.float32) / 255))
-                      for i in range(0, len(images), bs)])
+def embed(bundle, images: np.ndarray) -> torch.Tensor:
+    """Image embeddings on the CPU, whatever the bundle's device."""
+    with torch.no_grad():
+        return image_embeddings(bundle, images, bs=128, progress=False).cpu()
 
 
 def main(argv=None):
@@ -65,9 +67,9 @@ def main(argv=None):
         probe_idx, test_idx = sel[:half], sel[half:]
         scorer = ZeroShotScorer(bundle, findings)
         with torch.no_grad():
-            pos, _ = scorer.text_embeddings()
-            logits = torch.stack([emb[test_idx] @ pos.T, emb[test_idx] @ scorer.text_embeddings()[1].T], -1)
-            p = (logits * bundle.logit_scale).softmax(-1)[..., 0].numpy()
+            pos, neg = (e.cpu() for e in scorer.text_embeddings())
+            logits = torch.stack([emb[test_idx] @ pos.T, emb[test_idx] @ neg.T], -1)
+            p = (logits * float(bundle.logit_scale)).softmax(-1)[..., 0].numpy()
             cos = (emb[test_idx] @ pos.T).numpy()
         for j, f in enumerate(findings):
             y_all = np.array([ps.labels[i].get(f, 0) for i in sel])
@@ -91,7 +93,7 @@ def main(argv=None):
         dx_y.append(DERM_DIAGNOSES.index(s.diagnosis))
     dx_emb = embed(bundle, np.stack(dx_imgs))
     with torch.no_grad():
-        t = bundle.encode_texts([f"consistent with {d}." for d in DERM_DIAGNOSES])
+        t = bundle.encode_texts([f"consistent with {d}." for d in DERM_DIAGNOSES]).cpu()
     dx_acc = float(((dx_emb @ t.T).argmax(1).numpy() == np.array(dx_y)).mean())
     dx_major = float(np.bincount(dx_y).max() / len(dx_y))
 
