@@ -333,6 +333,8 @@ def test_cli_exit_codes(inputs, tmp_path, capsys):
     # heatmaps over all vision blocks: another configuration, said in the result; a bad value is exit 2
     assert run(str(inputs), "-o", str(tmp_path / "o4"), "--explain-blocks", "many") == 2
     assert "explain blocks must be" in capsys.readouterr().err
+    assert run(str(inputs), "-o", str(tmp_path / "o6"), "--tasks", "explain", "--explain-blocks", "7") == 2  # depth 6
+    assert "exceeds the 6 vision blocks" in capsys.readouterr().err and not (tmp_path / "o6").exists()
     code = run(str(inputs / "pydicom" / "dicomdirtests" / "98892001"), "-o", str(tmp_path / "o5"), "--series",
                CT5N_UID, "--tasks", "explain", "--explain-target", PROMPT, "--explain-blocks", "all", "--workers", "0",
                "--no-progress")

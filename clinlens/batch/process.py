@@ -63,6 +63,14 @@ class BatchConfig:
         b = str(self.explain_blocks)
         if b not in ("last", "all") and not (b.isdigit() and int(b) >= 1):
             raise ValueError(f"explain blocks must be 'last', 'all' or a number of last blocks >= 1, got {b!r}")
+        if b.isdigit() and "explain" in self.tasks:  # refused here, not once per series
+            from clinlens.models.clip import resolve_clip_dir, vision_depth
+
+            clip = Path(self.clip_dir) if self.clip_dir else resolve_clip_dir()
+            depth = vision_depth(clip)
+            if int(b) > depth:
+                raise ValueError(f"explain blocks {b} exceeds the {depth} vision blocks of the CLIP in {clip}; "
+                                 f"ask 'all' or a number up to {depth}")
 
     @property
     def segment_prompts(self) -> tuple:

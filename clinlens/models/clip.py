@@ -38,6 +38,12 @@ def resolve_clip_dir(conf: dict | None = None) -> Path:
     return path
 
 
+def vision_depth(path: str | Path) -> int:
+    """The number of vision blocks of the HF CLIP directory at `path`, read from its config.json alone."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return int(cfg.get("vision_config", {}).get("num_hidden_layers", 12))  # 12: transformers' CLIPVisionConfig default
+
+
 def small_clip_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, **over):
     """The embedded default: a few million parameters, fast enough for a click on 2 CPU cores."""
     from transformers import CLIPConfig
