@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from clinlens.models.zeroshot import POSITIVE_TEMPLATES
 
 METHODS = ("medgrad", "grad_eclip", "grad_eclip_single_head", "attention")
+BLOCK_METHODS = ("medgrad", "grad_eclip")  # the methods that can sum (E5) over several blocks
 ENTROPY_ON = ("image", "heatmap")
 REF_SIZE = 224  # the radius is given in pixels at 224²
 ENTROPY_BINS = 64  # grey levels of the local-entropy histogram
@@ -503,7 +504,7 @@ def resolve_target(bundle, target_text: str | None = None, target_embedding=None
 def _check(method: str, radius, entropy_on: str, bundle=None, blocks: int = 1) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if bundle is not None and _check_blocks(bundle, blocks) > 1 and method not in ("medgrad", "grad_eclip"):
+    if bundle is not None and _check_blocks(bundle, blocks) > 1 and method not in BLOCK_METHODS:
         raise ValueError(f"blocks > 1 applies to medgrad and grad_eclip only, not {method!r}")
     if entropy_on not in ENTROPY_ON:
         raise ValueError(f"entropy_on must be 'image' or 'heatmap', got {entropy_on!r}")

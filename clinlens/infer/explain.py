@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 
 from clinlens.data.conventions import RequestError, choice_option, number_option, parse_prompts, place_2d, slice_2d
 from clinlens.data.image_io import file_ext, to_unit_rgb
-from clinlens.explain.grad_eclip import METHODS, explain, explain_volume
+from clinlens.explain.grad_eclip import BLOCK_METHODS, METHODS, explain, explain_volume
 from clinlens.infer.base import ClinlensInfer
 
 FLOAT_EXTS = (".nrrd", ".nii.gz", ".nii")
@@ -123,7 +123,7 @@ class ExplainInfer(ClinlensInfer):
         shown = r.get("target") or target
         result = {"target": target, "explained": shown, "negated": bool(r.get("negated")), "method": method,
                   "blocks": blocks, "top_regions": top_regions(heat), "words": words, "scale": r.get("scale"),
-                  **evidence(heat, shown, method in ("medgrad", "grad_eclip") and blocks < depth)}
+                  **evidence(heat, shown, method in BLOCK_METHODS and blocks < depth)}
         if as_float:
             out = heat
             result["label_names"] = {f"heat · {shown}": 1}

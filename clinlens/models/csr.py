@@ -43,10 +43,11 @@ pruning on validation phantoms, derm 0.762 -> 0.809 and chest 0.255 -> 0.306 ove
 anchors. New concepts are added by text (`add_concept_by_text`).
 
 **Atlas.** `build_atlas` ties each prototype to its nearest patch over the training images labelled
-with its concept, as CSR's local concept vectors come from those (image id, pixel box on the model input); `prune_prototypes` removes prototypes by id, `refit_task_head`
-refits the head on stored scores. `firing_rates` says where each prototype fires: the share of
-images, each with a region (a drawn "text marker", say), on whose region its map peaks;
-`prototypes_firing_on` picks those above a share for pruning (beyond the paper's single-patch atlas).
+with its concept, as CSR's local concept vectors come from those (image id, pixel box on the model
+input); `prune_prototypes` removes prototypes by id, `refit_task_head` refits the head on stored scores.
+`firing_rates` says where each prototype fires: the share of images, each with a region (a drawn
+"text marker", say), on whose region its map peaks; `prototypes_firing_on` picks those above a share
+for pruning (beyond the paper's single-patch atlas).
 
 Checkpoint: one safetensors file (config and atlas in its metadata), published atomically, plus a
 JSON summary beside it; the frozen backbone always comes from the CLIP directory.
@@ -493,18 +494,17 @@ class CSRModel(nn.Module):
             f = pv.to(self.device) if features else self.features(pv.to(self.device))
             maps = self.similarity_maps(f).flatten(2).float().cpu()  # (B, P, hw)
             val, idx = maps.max(-1)  # (B, P)
-            has = None
-            if lab and lab[0] is not None:
+            vals = {False: val}
+            if lab and lab[0] is not None:  # only the images with the prototype's concept
                 any_labels = True
-                has = torch.as_tensor(lab[0]).reshape(len(ids), -1)[:, pc] > 0  # (B, P): image has the concept
-            for b in range(len(ids)):
-                for kind in (True, False):
-                    ok = val[b] > best[kind]
-                    if kind:
-                        ok &= has[b] if has is not None else torch.zeros_like(ok)
-                    best[kind] = torch.where(ok, val[b], best[kind])
-                    for j in ok.nonzero().flatten().tolist():
-                        where[kind][j] = (ids[b], int(idx[b, j]))
+                has = torch.as_tensor(lab[0]).reshape(len(ids), -1)[:, pc] > 0  # (B, P)
+                vals[True] = val.masked_fill(~has, float("-inf"))
+            for kind, v in vals.items():
+                top, b = v.max(0)  # (P,): each prototype's best image in this batch (the first on ties)
+                better = top > best[kind]
+                best[kind] = torch.where(better, top, best[kind])
+                for j in better.nonzero().flatten().tolist():
+                    where[kind][j] = (ids[int(b[j])], int(idx[b[j], j]))
         atlas = []
         for j in range(p):
             kind = where[True][j] is not None

@@ -99,8 +99,8 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr: float, seed: int = 0, prune=(),
             progress: bool = False, fire=None) -> tuple[list[dict], float | None, list[int]]:
-    """Stages 1-3 by gradient on cached features (Adam, cosine schedule, bf16 autocast on CUDA; class labels -1 = unknown),
-    then any pruning, then stage 4 (the task head) refitted to convergence. `fire` = (indices of the
+    """Stages 1-3 by gradient on cached features (Adam, cosine schedule, bf16 autocast on CUDA; class
+    labels -1 = unknown), then any pruning, then stage 4 (the task head) refitted to convergence. `fire` = (indices of the
     images with the region, their region masks, share): the prototypes firing on the region in more
     than that share of them are pruned too. Returns (loss history, refit accuracy or None when no image
     has a class, the prototype ids pruned for firing on the region)."""
