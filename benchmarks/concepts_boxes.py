@@ -221,6 +221,9 @@ def main(argv=None):
                  f"**{'met' if ok else 'missed'}** (" + ", ".join(
                      f"{k}: {rows[k.split(' / ')[0]]['arms'][k.split(' / ')[1]]['amb_f1_delta']:+.3f}"
                      for k in verdict) + ").")
+    sig = [f"{fam} / {arm}" for fam, r in rows.items() for arm, x in r["arms"].items()
+           if not arm.endswith(PAPER) and x["amb_f1_delta_ci95"] and x["amb_f1_delta_ci95"][1] < 0]
+    lines.append("Arms whose 95% interval lies below zero (a significant loss): " + (", ".join(sig) or "none") + ".")
     lines.append("")
     write_results(a.out, lines, {"args": vars(a), "families": rows, "target_met": ok, "verdict": verdict})
 

@@ -75,7 +75,7 @@ def test_shapes_of_every_stage_and_frozen_backbone(bundle, derm):
     m.train()
     y = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0]], dtype=torch.float32)
     loss = m.losses(y, torch.tensor([0, 2]), pixel_values=pv)
-    assert set(loss) == {"bce", "contrastive", "text", "task", "total"}
+    assert set(loss) == {"bce", "contrastive", "text", "task", "region", "total"}
     assert all(torch.isfinite(x) for x in loss.values()) and loss["contrastive"] > 0
     loss["total"].backward()
     for p in (m.concept_w, m.prototypes, m.proj_lin.weight, m.proj_mlp[2].weight, m.task_w):
@@ -431,3 +431,75 @@ def test_firing_rates_count_the_peaks_on_the_region():
     rates = CSRModel.firing_rates_from_maps(maps, cells)
     assert rates.tolist() == [1.0, 0.5, 0.0]
     assert CSRModel.firing_rates_from_maps(maps[:0], cells[:0]).tolist() == [0.0, 0.0, 0.0]
+
+
+def _region_masks(n: int, size: int = 96) -> torch.Tensor:
+    """(n, K, size, size) concept masks of the derm fixture's phantoms, as a clinician's drawn regions."""
+    out = torch.zeros(n, len(DERM_CONCEPTS), size, size)
+    for i in range(n):
+        masks = make_derm(i, size=size).masks
+        for k, c in enumerate(DERM_CONCEPTS):
+            if c in masks:
+                out[i, k] = torch.as_tensor(masks[c], dtype=torch.float32)
+    return out
+
+
+def test_region_loss_is_the_maps_softmax_mass_in_the_drawn_region(bundle, derm):
+    m = _model(bundle, seed=1)
+    f = derm[1][:3]
+    grid = torch.zeros(3, len(DERM_CONCEPTS), 14, 14)
+    grid[0, 2, 3:7, 4:9] = 1
+    grid[2, 4, 8:10, 1:3] = 0.5  # partial coverage still counts as touched
+    _, drawn = m.concept_vectors(f, m.cams(f), grid)
+    v, _ = m.concept_vectors(f, m.cams(f), grid)
+    got = m.region_loss(f, grid, drawn, v)
+    maps = m.similarity_maps(f).flatten(2)
+    tau, gam = m.config["region_temperature"], m.config["gamma"]
+    terms = []
+    for b, k in ((0, 2), (2, 4)):
+        cols = (m.proto_concept == k).nonzero().flatten()
+        inside = grid[b, k].flatten() > 0
+        p = (maps[b, cols] / tau).softmax(-1)  # (M, hw)
+        per = -torch.log(p[:, inside].sum(-1))
+        q = (gam * (m.project(v[b, k]) @ F.normalize(m.prototypes[cols], dim=-1).T)).softmax(-1)
+        terms.append((q * per).sum())
+    assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
+    # weight 0 turns it off; no drawn region gives no term
+    y = torch.zeros(3, len(DERM_CONCEPTS))
+    assert m.losses(y, features=f)["region"] == 0
+    assert m.losses(y, features=f, region_masks=grid)["region"] > 0
+    assert _model(bundle, region_weight=0.0).losses(y, features=f, region_masks=grid)["region"] == 0
+    with pytest.raises(ValueError, match="region_mode"):
+        _model(bundle, region_mode="pixel")
+
+
+def test_drawn_regions_teach_the_maps_to_peak_inside_them(bundle, derm):
+    """Same training with and without the region loss: held-out concept maps peak on the concept's mask more often."""
+    _, feats, y, cls = derm
+    regions = _region_masks(90)
+    tr, te = slice(0, 60), slice(60, 90)
+
+    def pointing(weight):
+        m = _model(bundle, seed=2, region_weight=weight)
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        m.train()
+        for _ in range(60):
+            opt.zero_grad()
+            m.losses(y[tr], cls[tr], features=feats[tr], region_masks=regions[tr])["total"].backward()
+            opt.step()
+        m.eval()
+        with torch.no_grad():
+            maps = m.similarity_maps(feats[te]).flatten(2)
+        cov = m.region_weights(regions[te]).flatten(2) > 0  # (n, K, hw)
+        hit = n = 0
+        for i in range(maps.shape[0]):
+            for k in range(len(DERM_CONCEPTS)):
+                if cov[i, k].any():
+                    cols = (m.proto_concept == k).nonzero().flatten()
+                    hit += int(cov[i, k, maps[i, cols].amax(0).argmax()])
+                    n += 1
+        return hit / n
+
+    without, with_loss = pointing(0.0), pointing(1.0)
+    print(f"held-out pointing without the region loss {without:.3f}, with it {with_loss:.3f}")
+    assert with_loss > without + 0.05
