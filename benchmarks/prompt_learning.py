@@ -139,6 +139,9 @@ def alpha_stats(model: ClinCoCoOp, preds, alpha, test, train) -> dict:
     for i, it in enumerate(test):
         c = classes[int(preds[i])]
         names = model.class_concepts[c]
+        if not names:  # a class without findings: α = 0, nothing to explain with
+            tops[c]["(no concept)"] = tops[c].get("(no concept)", 0) + 1
+            continue
         j = int(alpha[i].argmax())
         tops[c][concepts[j]] = tops[c].get(concepts[j], 0) + 1
         if len(names) < 2:
@@ -261,8 +264,9 @@ def report(rows, a, bundle, seconds, png: str) -> list[str]:
          f"steps, batch min({DEFAULTS['batch']}, #images) sampled with replacement, Adam lr {DEFAULTS['lr']}, "
          "seed = sampling seed, 4 context tokens initialised from \"a photo of a\" (app defaults"
          + ("" if a.steps == DEFAULTS["steps"] else f"; steps changed from {DEFAULTS['steps']}") + ").",
-         "- ClinCoCoOp = the app's learner (meta-net, concept alignment weight 1, local term λ = 0.01 with local CE "
-         "weight 1, positional encoding; class concepts from the few-shot labels). CoOp = the same code path with "
+         "- ClinCoCoOp = the app's learner (meta-net, concept alignment weight 1, local term λ = 0.01 in the logits "
+         "(no separate local CE), positional encoding; class concepts from the few-shot labels, none for a class "
+         "whose images mostly show no finding, e.g. 'normal'). CoOp = the same code path with "
          "`conditional=False, align_weight=0, local_weight=0, local_loss_weight=0, pos_enc=False` (context vectors "
          "only, CE on cosine logits × logit scale).",
          "- hand prompts = zero-shot CLIP, class names in the app's templates (`zeroshot.POSITIVE_TEMPLATES`: "
@@ -318,7 +322,7 @@ def report(rows, a, bundle, seconds, png: str) -> list[str]:
           "class's most frequent few-shot concept) and a uniform pick among the class's concepts (same images). α is "
           "not learned: it is the frozen image-concept similarity softmaxed over the class's concept list, which "
           "`class_concepts_from_labels` takes from the few-shot labels (concepts in ≥ 50 % of the class's images, "
-          "else its most frequent one, so a class with no findings such as 'normal' gets one arbitrary concept); a "
+          "else its most frequent one; a class whose images mostly show no finding, such as 'normal', gets none and α = 0); a "
           "class with a single concept has α = 1 and no entropy (n/a: every class of the family got a single concept).", "",
           "| family | norm. entropy | top-α present | constant | uniform | images | top concept per class (seed 0) |",
           "|---|---|---|---|---|---|---|"]

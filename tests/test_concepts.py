@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from test_server import assert_still_serving
 
 from clinlens.data.phantoms import DERM_CONCEPTS, DERM_DIAGNOSES
+from clinlens.models.clip import DEFAULT_CLIP_DIR
 from clinlens.server import read_multipart, slicer_post
 
 
@@ -113,7 +114,10 @@ def test_prompt_classify_returns_classes_and_concept_weights(server):
     probs = [c["probability"] for c in res["classes"]]
     assert {c["class"] for c in res["classes"]} == set(DERM_DIAGNOSES) and abs(sum(probs) - 1) < 1e-3
     alpha = {w["concept"]: w["alpha"] for w in res["concept_weights"]}
-    assert set(alpha) == set(DERM_CONCEPTS) and abs(sum(alpha.values()) - 1) < 1e-3
+    # α is over the predicted class's concepts (the shipped learner's list), which sum to 1; no zero entries
+    class_concepts = json.loads((DEFAULT_CLIP_DIR / "prompt_derm.json").read_text())["config"]["class_concepts"]
+    assert set(alpha) == set(class_concepts[res["classes"][0]["class"]]) and set(alpha) <= set(DERM_CONCEPTS)
+    assert abs(sum(alpha.values()) - 1) < 1e-3 and min(alpha.values()) > 0
     assert requests.get(server.url + "/info/").json()["models"]["prompt_classify"]["type"] == "classification"
 
 

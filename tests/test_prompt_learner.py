@@ -114,10 +114,32 @@ def test_alpha_is_a_per_image_distribution_over_class_concepts(bundle, derm):
     cos = f[:8] @ m.anchors.T
     assert torch.equal(aa[:, 2].argmax(-1), cos.argmax(-1))
     assert (aa[0, 2] - aa[1:, 2]).abs().amax(-1).min() > 1e-4  # changes with the image
-    with pytest.raises(ValueError, match="not a non-empty subset"):
+    with pytest.raises(ValueError, match="not a subset"):
         _model(bundle, class_concepts={"nevus": ["freckles"]})
     with pytest.raises(ValueError, match="unknown classes"):
         _model(bundle, class_concepts={"wart": ["streaks"]})
+
+
+def test_a_class_without_findings_gets_no_concepts_and_no_alignment(bundle, derm):
+    """A 'normal' class (its images show no concept) gets no concept: α = 0 and its images add no alignment,
+    instead of being pulled towards an arbitrary finding."""
+    _, f, z, y, cy = derm
+    cy = cy.clone()
+    cy[y == 0] = 0  # nevus images: no concept at all
+    cc = class_concepts_from_labels(cy, y, DERM_CONCEPTS, DERM_DIAGNOSES)
+    assert cc["nevus"] == [] and cc["melanoma"] and cc["seborrheic keratosis"]
+    m = _model(bundle, class_concepts=cc)
+    with torch.no_grad():
+        out = m(image_features=f[:24], patch_tokens=z[:24], labels=y[:24])
+    a = out["alpha_all"]
+    assert torch.isfinite(a).all() and a[:, 0].abs().max() == 0
+    assert torch.allclose(a[:, 1:].sum(-1), torch.ones(24, 2), atol=1e-5)
+    assert torch.equal(out["alpha"][y[:24] == 0], torch.zeros(int((y[:24] == 0).sum()), len(DERM_CONCEPTS)))
+    # the alignment is the mean over the images whose class has concepts only
+    with torch.no_grad():
+        others = m(image_features=f[:24][y[:24] != 0], patch_tokens=z[:24][y[:24] != 0], labels=y[:24][y[:24] != 0])
+    assert (y[:24] == 0).any() and torch.allclose(out["loss"]["align"], others["loss"]["align"], atol=1e-6)
+    assert torch.isfinite(out["loss"]["total"])
 
 
 def test_alignment_pulls_prompt_towards_weighted_anchor(bundle, derm):

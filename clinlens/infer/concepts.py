@@ -213,8 +213,8 @@ class PromptClassifyInfer(ClinlensInfer):
         alpha = out["alpha"][0].float().cpu().numpy()
         order = np.argsort(-probs)
         classes = [{"class": model.classes[i], "probability": round(float(probs[i]), 4)} for i in order]
-        weights = sorted(({"concept": c, "alpha": round(float(a), 4)} for c, a in zip(model.concepts, alpha)),
-                         key=lambda d: -d["alpha"])
+        weights = sorted(({"concept": c, "alpha": round(float(a), 4)} for c, a in zip(model.concepts, alpha) if a > 0),
+                         key=lambda d: -d["alpha"])  # empty for a class without findings ('normal')
         result = {"label_names": {f"{classes[0]['class']} {classes[0]['probability']:.2f}": 1}, "classes": classes,
                   "concept_weights": weights, "latencies": {"model_ms": round(1000 * (time.perf_counter() - t0), 1)}}
         return place_2d(frame_mask(plane.shape[:2]), image.spatial_shape, p.slice), result

@@ -16,13 +16,18 @@ Label. Only the prompt parts are trained and saved; both CLIP towers stay frozen
   text anchors of `csr.concept_text_embeddings`. Anchor `ĝ_c = normalize(Σ_j α_cj t_j)`; the loss
   `L_align = mean_b (1 − cos(g(p_y(f_b)), ĝ_y))` pulls the soft prompt of the image's class y to it.
   α (B, K) is returned as the per-image concept explanation (for the label class, else the predicted).
+  A class without findings ('normal': `class_concepts_from_labels` gives it no concept) has α = 0 and
+  no alignment term; before, it was aligned to an arbitrary finding, which cost chest and CT accuracy.
 - **Global–local (§3 "Local term").** Patch tokens `z_i = W_vis · postLN(h_i)` (CLIP's own
   projection, MaskCLIP-style) plus a learnable positional encoding `P_i` in the joint space (zero at
   init): `ẑ_i = normalize(z_i + P_i)`. Significance `β_ci = softmax_i(cos(ẑ_i, g(p_c))/τ_l)` (text-
   conditioned: patches that match the class prompt matter most), `local_c = Σ_i β_ci cos(ẑ_i, g(p_c))`.
   `logit_c = s · (cos(f, g(p_c)) + λ · local_c)`, s = CLIP's logit scale; λ = `local_weight`
   (0.01, XCoOp's local scale). The local branch also gets its own cross-entropy
-  `L_local = CE(s · local, y)` (weight `local_loss_weight`): the local image–prompt alignment.
+  `L_local = CE(s · local, y)` (weight `local_loss_weight`, default 0; beyond the paper): the local
+  branch's own cross-entropy. Off by default: on validation phantoms (benchmarks/results/
+  prompt_learning_validation.md) dropping it moved ClinCoCoOp's mean paired gap to CoOp from −0.027 to
+  −0.012 (derm, chest, CT at 4 and 16 shots).
 - **Loss.** `L = CE(logits, y) + align_weight · L_align + local_loss_weight · L_local`.
 
 Checkpoint: one safetensors file holding only the learnable tensors (context, meta-net, positional
@@ -77,7 +82,8 @@ def _causal_encoder(encoder, x: torch.Tensor, config) -> torch.Tensor:
 
 def class_concepts_from_labels(concept_labels, class_labels, concepts: Sequence[str], classes: Sequence[str],
                                min_rate: float = 0.5) -> dict[str, list[str]]:
-    """Concepts present in at least `min_rate` of a class's images (at least its most frequent one)."""
+    """Concepts present in at least `min_rate` of a class's images (at least its most frequent one). A class
+    most of whose images show no concept at all (a 'normal' class) gets none: nothing to align its prompt to."""
     y = torch.as_tensor(concept_labels, dtype=torch.float32)
     c = torch.as_tensor(class_labels).long()
     out = {}
@@ -85,6 +91,9 @@ def class_concepts_from_labels(concept_labels, class_labels, concepts: Sequence[
         rows = y[c == i]
         if not len(rows):
             out[name] = list(concepts)
+            continue
+        if float((rows > 0.5).any(1).float().mean()) < min_rate:
+            out[name] = []
             continue
         rate = rows.mean(0)
         keep = [concepts[j] for j in range(len(concepts)) if rate[j] >= min_rate]
@@ -100,7 +109,7 @@ class ClinCoCoOp(nn.Module):
                  class_concepts: Mapping[str, Sequence[str]] | None = None,
                  n_ctx: int = 4, ctx_init: str | None = "a photo of a", conditional: bool = True,
                  meta_hidden: int | None = None, concept_temperature: float = 0.07, align_weight: float = 1.0,
-                 local_weight: float = 0.01, local_loss_weight: float = 1.0, local_temperature: float = 0.07,
+                 local_weight: float = 0.01, local_loss_weight: float = 0.0, local_temperature: float = 0.07,
                  pos_enc: bool = True, anchors: torch.Tensor | None = None):
         super().__init__()
         clip = bundle.model
@@ -182,8 +191,9 @@ class ClinCoCoOp(nn.Module):
         for c in self.classes:
             names = list(class_concepts.get(c, self.concepts))
             bad = sorted(set(names) - set(self.concepts))
-            if bad or not names:
-                raise ValueError(f"class {c!r}: concepts {bad or names} are not a non-empty subset of {self.concepts}")
+            if bad:
+                raise ValueError(f"class {c!r}: concepts {bad} are not a subset of {self.concepts} (an empty list "
+                                 "marks a class without findings)")
             out[c] = names
         return out
 
@@ -262,10 +272,11 @@ class ClinCoCoOp(nn.Module):
 
     # ------------------------------------------------------------------ concept weights
     def concept_weights(self, image_features: torch.Tensor) -> torch.Tensor:
-        """α (B, C, K): softmax over each class's concepts of cos(f, t_j)/τ (0 outside the class's concepts)."""
+        """α (B, C, K): softmax over each class's concepts of cos(f, t_j)/τ (0 outside the class's concepts; all
+        0 for a class without concepts)."""
         cos = image_features.to(self.device) @ self.anchors.T  # (B, K)
         logits = (cos / self.config["concept_temperature"]).unsqueeze(1).expand(-1, len(self.classes), -1)
-        return logits.masked_fill(~self.concept_mask, float("-inf")).softmax(-1)
+        return logits.masked_fill(~self.concept_mask, -1e4).softmax(-1) * self.concept_mask
 
     def concept_anchor(self, alpha: torch.Tensor) -> torch.Tensor:
         """ĝ = normalize(Σ_j α_j t_j): (..., K) -> (..., E)."""
@@ -310,7 +321,8 @@ class ClinCoCoOp(nn.Module):
             t_y = text[rows, y] if text.ndim == 3 else text[y]
             anchor = self.concept_anchor(out["alpha"])
             ce = F.cross_entropy(logits, y)
-            align = (1 - (t_y * anchor).sum(-1)).mean()
+            has = self.concept_mask[y].any(-1)  # images of a class without concepts have nothing to align to
+            align = ((1 - (t_y * anchor).sum(-1)) * has).sum() / has.sum().clamp_min(1)
             loc = F.cross_entropy(s * local, y)
             total = ce + self.config["align_weight"] * align + self.config["local_loss_weight"] * loc
             out["loss"] = {"ce": ce, "align": align, "local": loc, "total": total}
