@@ -163,6 +163,7 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     task = ConceptsTrain(csr, LABELS, prompts)
     out = task({"steps": 5, "prune": {"derm": [0, 1]}}, ds)
     assert out["derm"]["drawn_regions"] >= 1 and out["derm"]["pruned"] == [0, 1]
+    assert out["derm"]["region_weight"] == shipped.config["region_weight"] == 1.0  # the model's own by default
     assert csr.path("derm") == tmp_path / "model" / "csr_derm.safetensors"
     trained = CSRModel.load(csr.clip.get(), csr.path("derm"))
     assert {0, 1}.isdisjoint(trained.proto_ids.tolist()) and trained.n_prototypes == shipped.n_prototypes - 2
@@ -172,6 +173,13 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     assert prompts.path("derm") == tmp_path / "model" / "prompt_derm.safetensors"
     few = PromptLearnerTrain(prompts, LABELS)({"steps": 3, "shots": 1}, ds)
     assert few["derm"]["images"] == len({it[3] for it in items["derm"]}) and few["derm"]["shots"] == 1
+    # the drawn regions' patch supervision can be reweighted per request, and is kept in the published model
+    before = csr.path("derm").read_bytes()
+    with pytest.raises(ValueError, match="'region_weight' must be in"):
+        task({"steps": 1, "region_weight": -2}, ds)
+    assert csr.path("derm").read_bytes() == before
+    assert task({"steps": 1, "region_weight": "0"}, ds)["derm"]["region_weight"] == 0.0
+    assert CSRModel.load(csr.clip.get(), csr.path("derm")).config["region_weight"] == 0.0
 
 
 def test_train_task_prunes_the_prototypes_firing_on_a_drawn_marker(studies, tmp_path):

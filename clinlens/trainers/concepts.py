@@ -150,12 +150,13 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
 def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
               lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
               extra: dict | None = None, prune_firing_on: str | None = None, fire_share: float = 0.5,
-              **cfg) -> dict:
+              region_weight: float | None = None, **cfg) -> dict:
     """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`.
 
     `prune_firing_on`: the name of drawn regions (an item's drawn dict, e.g. "text marker") on which
     prototypes must not fire: those peaking on it in more than `fire_share` of the images that have it
-    are pruned (firing-map pruning)."""
+    are pruned (firing-map pruning). `region_weight` (None: the model's own) weights the drawn regions'
+    patch supervision (`CSRModel.region_loss`), also when continuing from `init`."""
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -164,6 +165,8 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     if prune_firing_on and not 0.0 <= float(fire_share) < 1.0:
         raise ValueError(f"fire_share must be in [0, 1), got {fire_share}")
     model = (CSRModel.load(bundle, init) if init else CSRModel.from_bundle(bundle, concepts, classes, **cfg))
+    if region_weight is not None:
+        model.config["region_weight"] = float(region_weight)
     model.train()
     feats, y, cls, regions = _tensors(bundle, model, items)
     drawn = int((regions.flatten(2).amax(-1) > 0).sum())
@@ -186,7 +189,8 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     ids = [it[0] for it in items]
     model.build_atlas([(ids[i:i + 32], feats[i:i + 32], y[i:i + 32]) for i in range(0, len(ids), 32)], features=True)
     summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
-               "drawn_regions": drawn, "pruned": sorted(set(int(i) for i in prune) | set(fired)),
+               "drawn_regions": drawn, "region_weight": model.config["region_weight"],
+               "pruned": sorted(set(int(i) for i in prune) | set(fired)),
                "firing_on": ({"region": prune_firing_on, "share": fire_share, "images": len(fire[0]), "pruned": fired}
                              if fire else None),
                "train_class_accuracy": acc,

@@ -14,7 +14,8 @@ class, its ClinCoCoOp prompt learner too) and published atomically to `model_dir
 reloads. `prune` ({family: [prototype ids]}) removes prototypes and refits the task head: the
 train-time atlas pruning. `prune_firing_on` (a segment name such as "text marker", drawn on a few
 images where an artefact sits) prunes the prototypes that fire on it in more than `fire_share` of
-those images (firing-map pruning, `CSRModel.prototypes_firing_on`).
+those images (firing-map pruning, `CSRModel.prototypes_firing_on`). `region_weight` reweights the drawn
+regions' patch supervision (`CSRModel.region_loss`; empty keeps the model's own, 1 when shipped).
 """
 from __future__ import annotations
 
@@ -95,13 +96,17 @@ class ConceptsTrain(StatsTrainTask):
         self.labels = dict(labels)
 
     def config(self):
-        return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}, "prune_firing_on": "", "fire_share": 0.5}
+        return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}, "prune_firing_on": "", "fire_share": 0.5,
+                "region_weight": ""}
 
     def __call__(self, request, datastore):
         conf = self.options(request)
         prune = {f: [int(i) for i in ids] for f, ids in (conf["prune"] if isinstance(conf["prune"], dict) else {}).items()}
         firing_on = str(conf.get("prune_firing_on") or "").strip().lower() or None
         fire_share = number_option(conf, "fire_share", 0.5, float, 0, 0.999)
+        # weight of the drawn regions' patch supervision; empty keeps each model's own (1 for the shipped ones)
+        region_weight = (None if str(conf.get("region_weight", "")).strip() == ""
+                         else number_option(conf, "region_weight", None, float, 0, 100))
         per_family = datastore_items(datastore, self.labels, firing_on)
         if firing_on and not any(firing_on in it[4] for items in per_family.values() for it in items):
             raise ValueError(f"prune_firing_on: no final label has a segment named {firing_on!r}; draw it on the "
@@ -124,6 +129,7 @@ class ConceptsTrain(StatsTrainTask):
                                        prune=prune.get(fam, []),
                                        prune_firing_on=firing_on if any(firing_on in it[4] for it in items) else None,
                                        fire_share=fire_share,
+                                       region_weight=region_weight,
                                        extra={"source": "datastore", "family": fam})
             if self.prompts is not None and any(it[3] in classes for it in items):
                 pinit = self.prompts.path(fam)
