@@ -14,6 +14,7 @@ images (the shipped models have them on all); the same metrics. Writes benchmark
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +35,7 @@ from clinlens.trainers.concepts import CSR_FAMILIES, _tensors, csr_file, phantom
 MAKERS = {"derm": make_derm, "chest": make_chest}
 
 
+@functools.lru_cache(maxsize=None)  # each evaluation reads every held-out image's masks several times
 def masks_of(item_id: str, size: int) -> dict:
     fam, seed = item_id.split("_phantom_")
     return MAKERS[fam](int(seed), size=size).masks

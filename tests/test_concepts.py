@@ -178,6 +178,7 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     with pytest.raises(ValueError, match="'region_weight' must be in"):
         task({"steps": 1, "region_weight": -2}, ds)
     assert csr.path("derm").read_bytes() == before
+    assert task({"steps": 1, "region_weight": None}, ds)["derm"]["region_weight"] == 1.0  # null keeps the model's
     assert task({"steps": 1, "region_weight": "0"}, ds)["derm"]["region_weight"] == 0.0
     assert CSRModel.load(csr.clip.get(), csr.path("derm")).config["region_weight"] == 0.0
 

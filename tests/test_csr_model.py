@@ -464,6 +464,15 @@ def test_region_loss_is_the_maps_softmax_mass_in_the_drawn_region(bundle, derm):
         q = (gam * (m.project(v[b, k]) @ F.normalize(m.prototypes[cols], dim=-1).T)).softmax(-1)
         terms.append((q * per).sum())
     assert torch.allclose(got, torch.stack(terms).mean(), atol=1e-5)
+    # region_mode="concept": once per concept, on its map soft-assigned over its prototypes patch by patch
+    mc = _model(bundle, seed=1, region_mode="concept")
+    maps_c = mc.similarity_maps(f).flatten(2)
+    terms_c = []
+    for b, k in ((0, 2), (2, 4)):
+        sk = maps_c[b, (mc.proto_concept == k).nonzero().flatten()]  # (M, hw)
+        ck = ((mc.config["gamma"] * sk).softmax(0) * sk).sum(0)
+        terms_c.append(-torch.log((ck / tau).softmax(-1)[grid[b, k].flatten() > 0].sum()))
+    assert torch.allclose(mc.region_loss(f, grid, drawn, v), torch.stack(terms_c).mean(), atol=1e-5)
     # weight 0 turns it off; no drawn region gives no term
     y = torch.zeros(3, len(DERM_CONCEPTS))
     assert m.losses(y, features=f)["region"] == 0

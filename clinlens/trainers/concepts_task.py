@@ -105,8 +105,9 @@ class ConceptsTrain(StatsTrainTask):
         firing_on = str(conf.get("prune_firing_on") or "").strip().lower() or None
         fire_share = number_option(conf, "fire_share", 0.5, float, 0, 0.999)
         # weight of the drawn regions' patch supervision; empty keeps each model's own (1 for the shipped ones)
-        region_weight = (None if str(conf.get("region_weight", "")).strip() == ""
-                         else number_option(conf, "region_weight", None, float, 0, 100))
+        raw = conf.get("region_weight")
+        keep = raw is None or str(raw).strip() == ""
+        region_weight = None if keep else number_option(conf, "region_weight", None, float, 0, 100)
         per_family = datastore_items(datastore, self.labels, firing_on)
         if firing_on and not any(firing_on in it[4] for items in per_family.values() for it in items):
             raise ValueError(f"prune_firing_on: no final label has a segment named {firing_on!r}; draw it on the "
