@@ -8,7 +8,8 @@ seeds as in interactive_seg.py (>= 70,900,210).
 Methods: `clinlens.explain.grad_eclip.explain` with method medgrad / grad_eclip /
 grad_eclip_single_head / attention, MedGrad and Grad-ECLIP over all vision blocks (`blocks` = the tower's
 depth: each block's signed contributions summed before the ReLU; the number of blocks, 1 to 6, was chosen on
-validation phantoms of seed bases 5 and 6, 20 images per family: benchmarks/explain_blocks.py), a random
+validation phantoms of seed bases 5 and 6, 20 images per family: benchmarks/explain_blocks.py), the same with
+the channel weights along the direct residual path (`gradient="direct"`: no backward through the blocks), a random
 map (uniform noise on the patch grid), Grad-CAM (pytorch-grad-cam on the last block's layer_norm1 with the
 ViT token reshape) and captum
 IntegratedGradients (32 steps from the blurred image, |attribution| summed over channels), both on
@@ -54,8 +55,9 @@ from clinlens.models.clip import load_clip  # noqa: E402
 
 BASELINES = ("gradcam", "integrated_gradients")
 ALL_BLOCKS = ("medgrad_all", "grad_eclip_all")  # explained over every vision block
-OURS = ("medgrad", "grad_eclip") + ALL_BLOCKS
-ALL = list(METHODS) + list(BASELINES) + ["random"] + list(ALL_BLOCKS)  # appended: the other rows' seeds stay
+DIRECT = ("medgrad_all:direct", "grad_eclip_all:direct")  # the same, (E3) along the direct residual path
+OURS = ("medgrad", "grad_eclip") + ALL_BLOCKS + DIRECT
+ALL = list(METHODS) + list(BASELINES) + ["random"] + list(ALL_BLOCKS) + list(DIRECT)  # appended: earlier rows' seeds stay
 TIMED = [m for m in ALL if m != "random"]
 # + MedGrad with the entropy computed before the forward in the calling thread, and for another target of
 # an image already explained (its entropy weights kept)
@@ -64,6 +66,8 @@ LABEL = {"medgrad": "MedGrad E-CLIP", "grad_eclip": "Grad-ECLIP (multi-head)",
          "grad_eclip_single_head": "Grad-ECLIP single-head (public code)",
          "attention": "raw last-layer attention", "random": "random map",
          "medgrad_all": "MedGrad E-CLIP, all blocks", "grad_eclip_all": "Grad-ECLIP (multi-head), all blocks",
+         "medgrad_all:direct": "MedGrad E-CLIP, all blocks, direct gradient",
+         "grad_eclip_all:direct": "Grad-ECLIP (multi-head), all blocks, direct gradient",
          "gradcam": "Grad-CAM (pytorch-grad-cam, ViT reshape)", "integrated_gradients": "IntegratedGradients (captum)",
          "medgrad_cached": "MedGrad E-CLIP, another target of the same image (entropy weights kept)",
          "medgrad_serial": "MedGrad E-CLIP, entropy in the calling thread before the forward (one thread)"}
@@ -196,15 +200,17 @@ def energy_in_box(up: np.ndarray, box) -> float:
     return float(up[y0:y1, x0:x1].sum()) / tot if tot > 0 else 0.0
 
 
-def method_blocks(bundle, kind: str) -> tuple[str, int]:
-    """A row name -> (`explain` method, blocks): "medgrad_all" is MedGrad over every vision block,
-    "medgrad@3" over the last 3."""
+def method_blocks(bundle, kind: str) -> tuple[str, int, str]:
+    """A row name -> (`explain` method, blocks, gradient): "medgrad_all" is MedGrad over every vision block,
+    "medgrad@3" over the last 3; a ":direct" suffix takes (E3) along the direct residual path."""
+    kind, _, gradient = kind.partition(":")
+    gradient = gradient or "exact"
     if kind in ALL_BLOCKS:
-        return kind.removesuffix("_all"), len(bundle.model.vision_model.encoder.layers)
+        return kind.removesuffix("_all"), len(bundle.model.vision_model.encoder.layers), gradient
     if "@" in kind:
         meth, k = kind.split("@")
-        return meth, int(k)
-    return kind, 1
+        return meth, int(k), gradient
+    return kind, 1, gradient
 
 
 def map_metrics(bundle, h, img, base, emb, fracs, ends, mask, rng) -> dict:
@@ -223,26 +229,27 @@ def heatmap(bundle, method, pv, img, tgt, rng, grid, base_pv=None):
         h = (rng.random(grid).astype(np.float32) if method == "random"
              else baseline_map(bundle, method, pv, tgt.embedding, base_pv, grid).astype(np.float32))
         return h, _upsample(torch.from_numpy(h), img.shape[:2]).numpy(), None
-    meth, blocks = method_blocks(bundle, method)
-    out = explain(bundle, pv, target_embedding=tgt.embedding, method=meth, image=img, words=False, blocks=blocks)
+    meth, blocks, gradient = method_blocks(bundle, method)
+    out = explain(bundle, pv, target_embedding=tgt.embedding, method=meth, image=img, words=False, blocks=blocks,
+                  gradient=gradient)
     return out["heatmap"], out["upsampled"], out
 
 
 def time_costs(bundle, items, repeats: int, seed: int, methods=COST_ROWS) -> dict:
     """Median seconds per call for each method and the plain forward, interleaved per object.
 
-    "medgrad" computes the image's entropy weights every time, on a worker thread beside the forward (the
-    app's default), "medgrad_serial" before it in the calling thread; "medgrad_cached" finds them kept, as
-    for a second target asked of an image."""
+    Every MedGrad row computes the image's entropy weights every time, on a worker thread beside the forward
+    (the app's default), except "medgrad_serial" (before it, in the calling thread) and "medgrad_cached"
+    (finds them kept, as for a second target asked of an image)."""
     rng = np.random.default_rng(seed)
     kinds = ["forward"] + list(methods)
     per = {k: [] for k in kinds}  # per object: median seconds
 
     def prepare(kind, img):  # untimed
-        if kind in ("medgrad", "medgrad_serial"):
-            clear_entropy_cache()
-        elif kind == "medgrad_cached":
+        if kind == "medgrad_cached":
             entropy_weights(img, (14, 14))
+        elif kind.startswith("medgrad"):
+            clear_entropy_cache()
 
     def run(kind, pv, img, emb):
         if kind == "forward":
@@ -251,10 +258,10 @@ def time_costs(bundle, items, repeats: int, seed: int, methods=COST_ROWS) -> dic
         elif kind in BASELINES:
             baseline_map(bundle, kind, pv, emb, torch.zeros_like(pv), (14, 14))
         else:
-            method, blocks = method_blocks(bundle, kind)
+            method, blocks, gradient = method_blocks(bundle, kind)
             method = "medgrad" if method.startswith("medgrad") else method
             explain(bundle, pv, target_embedding=emb, method=method, image=img, words=False,
-                    overlap_entropy=kind != "medgrad_serial", blocks=blocks)
+                    overlap_entropy=kind != "medgrad_serial", blocks=blocks, gradient=gradient)
 
     for img, emb, _ in items:
         pv = bundle.pixel_values(img)
@@ -285,7 +292,7 @@ def vit_b16_bundle():
                       device=torch.device("cpu"))
 
 
-VITB_TIMED = ("medgrad", "grad_eclip", "medgrad_all", "gradcam", "integrated_gradients")
+VITB_TIMED = ("medgrad", "grad_eclip", "medgrad_all", "medgrad_all:direct", "gradcam", "integrated_gradients")
 
 
 def boot_ci(x: np.ndarray, rng, n: int = 2000) -> tuple[float, float]:
@@ -459,7 +466,8 @@ def main(argv=None):
     # ---- targets
     keys = ("deletion_auc", "insertion_auc", "pointing")
     lines += ["", "## Targets", ""]
-    for ours, what in ((OURS[:2], "on the last block (the paper's)"), (ALL_BLOCKS, "over all blocks (`blocks`)")):
+    for ours, what in ((OURS[:2], "on the last block (the paper's)"), (ALL_BLOCKS, "over all blocks (`blocks`)"),
+                       (DIRECT, "over all blocks with the direct gradient (`gradient: direct`)")):
         parts = []
         for other in ("gradcam", "attention", "random"):
             got = {k: beats(other, k, ours) for k in keys}
@@ -532,12 +540,15 @@ def cost_targets(cost, cost_b16) -> list[str]:
               + (f" and {cost['medgrad_cached']['ratio_to_forward']:.2f}x for another target of the same image"
                  if "medgrad_cached" in cost else "") + ", Grad-ECLIP "
               f"{cost['grad_eclip']['ratio_to_forward']:.2f}x a plain no_grad forward on the default model{b16})."
-            ] + ([f"- The same over all blocks: **{'met' if all(cost[m]['ratio_to_forward'] <= 1.5 for m in ALL_BLOCKS) else 'missed'}**"
-                  f" (MedGrad {cost['medgrad_all']['ratio_to_forward']:.2f}x, Grad-ECLIP "
-                  f"{cost['grad_eclip_all']['ratio_to_forward']:.2f}x a forward"
-                  + (f"; at ViT-B/16 size MedGrad {cost_b16['medgrad_all']['ratio_to_forward']:.2f}x" if cost_b16 else "")
-                  + f"); IG is {cost['integrated_gradients']['median_ms'] / cost['medgrad_all']['median_ms']:.1f}x "
-                  "MedGrad over all blocks."] if "medgrad_all" in cost else [])
+            ] + [f"- The same {what}: **{'met' if all(cost[m]['ratio_to_forward'] <= 1.5 for m in rows) else 'missed'}**"
+                 f" (MedGrad {cost[rows[0]]['ratio_to_forward']:.2f}x, Grad-ECLIP "
+                 f"{cost[rows[1]]['ratio_to_forward']:.2f}x a forward"
+                 + (f"; at ViT-B/16 size MedGrad {cost_b16[rows[0]]['ratio_to_forward']:.2f}x"
+                    if cost_b16 and rows[0] in cost_b16 else "")
+                 + f"); IG is {cost['integrated_gradients']['median_ms'] / cost[rows[0]]['median_ms']:.1f}x MedGrad "
+                 f"{what}." for rows, what in ((ALL_BLOCKS, "over all blocks"),
+                                               (DIRECT, "over all blocks with the direct gradient"))
+                 if rows[0] in cost]
 
 
 if __name__ == "__main__":

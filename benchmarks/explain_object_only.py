@@ -50,8 +50,9 @@ def where_maps_look(bundle, lesions, top: int = 5, keep: int = 4) -> dict:
         inner = ndi.binary_erosion(mask, iterations=EDGE_PX)
         maps = {}
         for m in methods:
-            meth, blocks = method_blocks(bundle, m)
-            maps[m] = explain(bundle, image=img, target_embedding=emb, method=meth, words=False, blocks=blocks)["heatmap"]
+            meth, blocks, gradient = method_blocks(bundle, m)
+            maps[m] = explain(bundle, image=img, target_embedding=emb, method=meth, words=False, blocks=blocks,
+                              gradient=gradient)["heatmap"]
         gh, gw = maps["medgrad"].shape
         ph, pw = img.shape[0] // gh, img.shape[1] // gw
         places = [place(mask, inner, np.s_[y * ph:(y + 1) * ph, x * pw:(x + 1) * pw]) for y in range(gh) for x in range(gw)]

@@ -337,11 +337,24 @@ def test_cli_exit_codes(inputs, tmp_path, capsys):
     assert "exceeds the 6 vision blocks" in capsys.readouterr().err and not (tmp_path / "o6").exists()
     code = run(str(inputs / "pydicom" / "dicomdirtests" / "98892001"), "-o", str(tmp_path / "o5"), "--series",
                CT5N_UID, "--tasks", "explain", "--explain-target", PROMPT, "--explain-blocks", "all", "--workers", "0",
-               "--no-progress")
+               "--explain-gradient", "direct", "--no-progress")
     assert code == 0, capsys.readouterr().err
     res = json.loads((series_dir(tmp_path / "o5", D.SeriesSpec(CT5N_UID, _study_of(CT5N))) / "result.json").read_text())
     assert res["explanations"][0]["blocks"] > 1 and res["config"]["explain_blocks"] == "all"
-    assert BatchConfig(out_dir="x", explain_blocks="all").fingerprint() != BatchConfig(out_dir="x").fingerprint()
+    assert res["explanations"][0]["gradient"] == "direct" and res["config"]["explain_gradient"] == "direct"
+    default = BatchConfig(out_dir="x")
+    assert (default.blocks, default.gradient) == ("all", "direct")
+    assert BatchConfig(out_dir="x", explain_blocks="all", explain_gradient="direct").fingerprint() == default.fingerprint()
+    assert BatchConfig(out_dir="x", explain_gradient="exact").fingerprint() != default.fingerprint()
+    paper = BatchConfig(out_dir="x", explain_blocks="last", explain_gradient="exact")
+    assert paper.fingerprint() != default.fingerprint()
+    # the attention map has one block and no gradient: those are its defaults
+    attention = BatchConfig(out_dir="x", explain_method="attention")
+    assert (attention.blocks, attention.gradient) == ("last", "exact")
+    assert attention.fingerprint() == BatchConfig(out_dir="x", explain_method="attention", explain_blocks="last",
+                                                  explain_gradient="exact").fingerprint()
+    with pytest.raises(ValueError, match="explain gradient must be one of"):
+        BatchConfig(out_dir="x", explain_gradient="fast")
 
 
 def _study_of(folder) -> str:

@@ -101,14 +101,15 @@ def test_region_predictor_on_cuda_matches_cpu(default_pair):
     assert union > 0 and inter / union > 0.95
 
 
-@pytest.mark.parametrize("method,blocks", [("medgrad", 1), ("medgrad", 6), ("grad_eclip", 1)])
-def test_explain_on_cuda_matches_cpu(default_pair, method, blocks):
+@pytest.mark.parametrize("method,blocks,gradient", [("medgrad", 1, "exact"), ("medgrad", 6, "exact"),
+                                                     ("grad_eclip", 1, "exact"), ("medgrad", 6, "direct")])
+def test_explain_on_cuda_matches_cpu(default_pair, method, blocks, gradient):
     from clinlens.explain.grad_eclip import explain
 
     cpu, gpu = default_pair
     img = _derm_items(1, seed=3)[0][1]
-    a = explain(cpu, image=img, target_text="melanoma", method=method, blocks=blocks, words=False)
-    b = explain(gpu, image=img, target_text="melanoma", method=method, blocks=blocks, words=False)
+    kw = dict(target_text="melanoma", method=method, blocks=blocks, gradient=gradient, words=False)
+    a, b = explain(cpu, image=img, **kw), explain(gpu, image=img, **kw)
     assert abs(a["cosine"] - b["cosine"]) < 2e-3
     if a["scale"] > 0:
         r = np.corrcoef(a["heatmap"].ravel(), b["heatmap"].ravel())[0, 1]

@@ -104,14 +104,37 @@ def test_float32_map_and_negated_prompt(server):
 
 
 def test_all_blocks_is_a_choice_and_changes_the_map(server):
-    assert requests.get(server.url + "/info/").json()["models"]["explain"]["config"]["blocks"] == ["last", "all"]
+    assert requests.get(server.url + "/info/").json()["models"]["explain"]["config"]["blocks"] == ["all", "last"]
     image = first(server, "chest")
-    last, rl = float_map(server, image, {"target": "cardiomegaly"})
-    every, ra = float_map(server, image, {"target": "cardiomegaly", "blocks": "all"}, "all.nrrd")
+    every, ra = float_map(server, image, {"target": "cardiomegaly"})
+    last, rl = float_map(server, image, {"target": "cardiomegaly", "blocks": "last"}, "last.nrrd")
     two, r2 = float_map(server, image, {"target": "cardiomegaly", "blocks": "2"}, "two.nrrd")
-    assert rl["blocks"] == 1 and ra["blocks"] > 2 and r2["blocks"] == 2
+    assert ra["blocks"] > 2 and rl["blocks"] == 1 and r2["blocks"] == 2
     assert every.shape == last.shape and abs(every.max() - 1) < 0.01
     assert np.abs(every - last).max() > 0.05 and np.abs(every - two).max() > 0.05
+
+
+def test_direct_gradient_is_a_choice(server):
+    assert requests.get(server.url + "/info/").json()["models"]["explain"]["config"]["gradient"] == ["direct", "exact"]
+    image = first(server, "chest")
+    direct, rd = float_map(server, image, {"target": "cardiomegaly"}, "direct.nrrd")
+    exact, re_ = float_map(server, image, {"target": "cardiomegaly", "gradient": "exact"}, "exact.nrrd")
+    assert re_["gradient"] == "exact" and rd["gradient"] == "direct" and rd["blocks"] == re_["blocks"] > 1
+    assert direct.shape == exact.shape and abs(direct.max() - 1) < 0.01
+    assert not np.array_equal(direct, exact) and np.corrcoef(direct.ravel(), exact.ravel())[0, 1] > 0.5
+
+
+def test_untouched_choice_boxes_give_each_method_its_defaults(server):
+    """Slicer sends a config's whole choice list back when the user leaves it: all blocks along the direct path
+    for MedGrad, the one block the attention map has."""
+    image = first(server, "chest")
+    info = requests.get(server.url + "/info/").json()["models"]["explain"]["config"]
+    lists = {k: info[k] for k in ("blocks", "gradient")}
+    for method, blocks, gradient in (("medgrad", 6, "direct"), ("attention", 1, "exact")):
+        r = slicer_post(f"{server.url}/infer/explain?image={image}", {"target": "nodule", "method": method, **lists})
+        assert r.status_code == 200, r.text
+        res = json.loads(read_multipart(r)["params"].content)
+        assert (res["blocks"], res["gradient"]) == (blocks, gradient)
 
 
 def test_volume_is_explained_slice_wise_on_one_scale(server):
@@ -130,6 +153,8 @@ def test_volume_is_explained_slice_wise_on_one_scale(server):
     ({"target": "nodule", "blocks": "many"}, "'blocks' must be"),
     ({"target": "nodule", "blocks": 99}, "'blocks' must be in [1,"),
     ({"target": "nodule", "method": "attention", "blocks": "all"}, "blocks > 1 applies to medgrad and grad_eclip"),
+    ({"target": "nodule", "gradient": "magic"}, "'gradient' must be one of"),
+    ({"target": "nodule", "method": "attention", "gradient": "direct"}, "gradient 'direct' applies to medgrad"),
 ])
 def test_explain_bad_input(server, params, words):
     r = slicer_post(f"{server.url}/infer/explain?image={first(server, 'chest')}", params)

@@ -30,6 +30,18 @@ def _pv(bundle, img):
     return bundle.pixel_values(np.repeat(img[..., None], 3, -1))
 
 
+def _reference_map(lb):
+    """(E5) written out block by block from a capture: the ReLU of the summed signed contributions (4 heads of 32)."""
+    per = []
+    for p, gr in zip(lb.probes, lb.grads):
+        c = torch.einsum("bhd,bhnd->bhn", gr.view(1, 4, 32), p.v[:, :, 1:])
+        qn, kn = F.normalize(p.q[:, :, 0], dim=-1), F.normalize(p.k[:, :, 1:], dim=-1)
+        cs = torch.einsum("bhd,bhnd->bhn", qn, kn)
+        lo, hi = cs.amin(-1, keepdim=True), cs.amax(-1, keepdim=True)
+        per.append((c * (cs - lo) / (hi - lo)).sum(1))
+    return F.relu(sum(per))[0]
+
+
 @pytest.fixture(scope="module")
 def pv(bundle):
     return _pv(bundle, _image())
@@ -135,19 +147,61 @@ def test_all_blocks_sum_each_blocks_own_gradient_and_weights(bundle, pv, target)
     assert g.abs().max() > 0
     torch.testing.assert_close(every.grads[0], g, atol=1e-6, rtol=1e-4)
     # the map is the ReLU of the summed signed per-block contributions, not a sum of per-block maps
-    per = []
-    for p, gr in zip(every.probes, every.grads):
-        c = torch.einsum("bhd,bhnd->bhn", gr.view(1, 4, 32), p.v[:, :, 1:])
-        qn, kn = F.normalize(p.q[:, :, 0], dim=-1), F.normalize(p.k[:, :, 1:], dim=-1)
-        cs = torch.einsum("bhd,bhnd->bhn", qn, kn)
-        lo, hi = cs.amin(-1, keepdim=True), cs.amax(-1, keepdim=True)
-        per.append((c * (cs - lo) / (hi - lo)).sum(1))
     ours = explain(bundle, pv, target_embedding=target.embedding, method="grad_eclip", words=False, blocks=n)
-    want = F.relu(sum(per))[0]
+    want = _reference_map(every)
     np.testing.assert_allclose(ours["heatmap"].ravel(), (want / want.max()).numpy(), atol=1e-5)
     assert not np.allclose(ours["heatmap"], explain(bundle, pv, target_embedding=target.embedding,
                                                     method="grad_eclip", words=False)["heatmap"], atol=1e-3)
     assert ours["blocks"] == n
+
+
+def test_direct_gradient_is_the_residual_path(bundle, pv, target):
+    """gradient="direct": ∂S/∂o_l = W_out,lᵀ ∂S/∂x_L at every block, from the same forward pass."""
+    vm = bundle.model.vision_model
+    n = len(vm.encoder.layers)
+    exact = last_block(bundle, pv, target.embedding, blocks=n)
+    direct = last_block(bundle, pv, target.embedding, blocks=n, gradient="direct")
+    torch.testing.assert_close(direct.cosine, exact.cosine, atol=1e-6, rtol=0)
+    torch.testing.assert_close(direct.embedding, exact.embedding, atol=1e-6, rtol=0)
+    for pd, pe in zip(direct.probes, exact.probes):  # the same q, k, v: only the channel weights differ
+        torch.testing.assert_close(pd.v, pe.v, atol=1e-6, rtol=0)
+        torch.testing.assert_close(pd.k, pe.k, atol=1e-6, rtol=0)
+    # independent: the final [CLS] residual a leaf, its gradient mapped back through each block's out_proj
+    with torch.no_grad():
+        x = vm(pixel_values=pv).last_hidden_state[:, 0]
+    x.requires_grad_(True)
+    s = F.normalize(bundle.model.visual_projection(vm.post_layernorm(x)), dim=-1) @ target.embedding
+    g = torch.autograd.grad(s.sum(), x)[0]
+    for layer, gd in zip(vm.encoder.layers, direct.grads):
+        torch.testing.assert_close(gd, g @ layer.self_attn.out_proj.weight, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(direct.grads[0], exact.grads[0], atol=1e-4)  # earlier blocks: an approximation
+    # the map is (E5) with these weights
+    ours = explain(bundle, pv, target_embedding=target.embedding, method="grad_eclip", words=False, blocks=n,
+                   gradient="direct")
+    want = _reference_map(direct)
+    np.testing.assert_allclose(ours["heatmap"].ravel(), (want / want.max()).numpy(), atol=1e-5)
+    assert ours["gradient"] == "direct"
+
+
+def test_direct_gradient_is_exact_where_the_residual_is_the_only_path(bundle, pv, target):
+    """With the last block's MLP silenced, nothing lies between its attention output and the embedding but
+    the residual stream: the direct and the exact gradient agree there."""
+    model = copy.deepcopy(bundle.model)
+    with torch.no_grad():
+        model.vision_model.encoder.layers[-1].mlp.fc2.weight.zero_()
+        model.vision_model.encoder.layers[-1].mlp.fc2.bias.zero_()
+    quiet = dataclasses.replace(bundle, model=model, _text_cache={})
+    exact = last_block(quiet, pv, target.embedding)
+    direct = last_block(quiet, pv, target.embedding, gradient="direct")
+    assert exact.grad.abs().max() > 0
+    torch.testing.assert_close(direct.grad, exact.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gradient,method", [("fast", "medgrad"), (None, "grad_eclip"), ("direct", "attention"),
+                                             ("direct", "grad_eclip_single_head")])
+def test_bad_gradient_is_refused(bundle, pv, target, gradient, method):
+    with pytest.raises(ValueError, match="gradient"):
+        explain(bundle, pv, target_embedding=target.embedding, method=method, gradient=gradient)
 
 
 @pytest.mark.parametrize("blocks,method", [(0, "medgrad"), (99, "grad_eclip"), (1.5, "medgrad"), (True, "medgrad"),

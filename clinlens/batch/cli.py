@@ -46,9 +46,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="what to explain (repeatable; default: the prompts, else the top class)")
     t.add_argument("--explain-method", default="medgrad", choices=["medgrad", "grad_eclip", "attention"],
                    help="heatmap method (medgrad)")
-    t.add_argument("--explain-blocks", default="last", metavar="last|all|N",
-                   help="vision blocks the heatmap sums: the last (the paper's, default), all (more faithful "
-                        "on the phantoms, ~2.5x the cost), or the last N")
+    t.add_argument("--explain-blocks", default=None, metavar="all|last|N",
+                   help="vision blocks the heatmap sums: all (default for medgrad and grad_eclip: more faithful on "
+                        "the phantoms), the last (the paper's; the default for attention), or the last N")
+    t.add_argument("--explain-gradient", default=None, choices=["direct", "exact"],
+                   help="the heatmap's channel weights: direct (along the residual stream, default for medgrad and "
+                        "grad_eclip: all blocks for ~1.3x a forward) or exact (a backward through the blocks)")
     m = p.add_argument_group("models")
     m.add_argument("--clip-model", metavar="DIR", help="local HF CLIP dir (default: $CLINLENS_CLIP_MODEL or shipped)")
     m.add_argument("--model-dir", metavar="DIR", help="published region/CSR models (default: beside the CLIP)")
@@ -82,6 +85,7 @@ def run(args) -> int:
         config = BatchConfig(out_dir=args.out, tasks=tuple(args.tasks), prompts=tuple(dict.fromkeys(prompts)),
                              threshold=args.threshold, explain_targets=tuple(args.explain_target),
                              explain_method=args.explain_method, explain_blocks=args.explain_blocks,
+                             explain_gradient=args.explain_gradient,
                              clip_dir=args.clip_model, model_dir=args.model_dir,
                              device=args.device, threads=args.threads, keep_staging=args.keep_staging)
         selection = Selection.build(args.study, args.series, args.modality, args.series_file)

@@ -49,7 +49,8 @@ class BatchConfig:
     threshold: float = 0.5              # text-match probability a region must reach
     explain_targets: tuple = ()         # default: the prompts, else the top class
     explain_method: str = "medgrad"
-    explain_blocks: str = "last"        # "last" (the paper's block), "all" or a number of last vision blocks
+    explain_blocks: str | None = None   # "all", "last" (the paper's block) or a number of last vision blocks
+    explain_gradient: str | None = None  # (E3) "direct" (residual path) or "exact" (a backward through the blocks)
     clip_dir: str | None = None         # a local HF CLIP dir (default: the configured / shipped one)
     model_dir: str | None = None        # published region / CSR models (else the ones beside the CLIP)
     device: str | None = None           # None: CUDA when available
@@ -60,7 +61,11 @@ class BatchConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
-        b = str(self.explain_blocks)
+        from clinlens.explain.grad_eclip import GRADIENTS
+
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"explain gradient must be one of {', '.join(GRADIENTS)}, got {self.gradient!r}")
+        b = str(self.blocks)
         if b not in ("last", "all") and not (b.isdigit() and int(b) >= 1):
             raise ValueError(f"explain blocks must be 'last', 'all' or a number of last blocks >= 1, got {b!r}")
         if b.isdigit() and "explain" in self.tasks:  # refused here, not once per series
@@ -71,6 +76,19 @@ class BatchConfig:
             if int(b) > depth:
                 raise ValueError(f"explain blocks {b} exceeds the {depth} vision blocks of the CLIP in {clip}; "
                                  f"ask 'all' or a number up to {depth}")
+
+    @property
+    def blocks(self) -> str:
+        """`explain_blocks`, or the method's default (`clinlens.infer.explain.method_defaults`)."""
+        from clinlens.infer.explain import method_defaults
+
+        return self.explain_blocks or method_defaults(self.explain_method)[0]
+
+    @property
+    def gradient(self) -> str:
+        from clinlens.infer.explain import method_defaults
+
+        return self.explain_gradient or method_defaults(self.explain_method)[1]
 
     @property
     def segment_prompts(self) -> tuple:
@@ -95,8 +113,10 @@ class BatchConfig:
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("out_dir", "threads", "keep_staging",
                                                                            "device")}
         d["prompts"] = list(self.segment_prompts) if "segment" in self.tasks else []
-        if d["explain_blocks"] == "last":  # the default before the option: earlier runs stay complete
-            del d["explain_blocks"]
+        d["explain_blocks"], d["explain_gradient"] = self.blocks, self.gradient
+        for key, before in (("explain_blocks", "last"), ("explain_gradient", "exact")):
+            if d[key] == before:  # the values before the options: earlier runs stay complete
+                del d[key]
         d["models"] = self.model_files()
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -296,7 +316,7 @@ def run_classify(models: Models, vol: np.ndarray, family: str, batch: int = 8) -
             "slice_top_class": [model.classes[int(i)] for i in probs.argmax(1)]}
 
 
-def run_explain(models: Models, vol: np.ndarray, target: str, method: str, blocks: str = "last"
+def run_explain(models: Models, vol: np.ndarray, target: str, method: str, blocks: str, gradient: str
                 ) -> tuple[np.ndarray, dict]:
     from clinlens.data.image_io import to_unit_rgb
     from clinlens.explain.grad_eclip import explain_volume
@@ -305,10 +325,10 @@ def run_explain(models: Models, vol: np.ndarray, target: str, method: str, block
     bundle = models.clip.get()
     n = blocks_option({"blocks": blocks}, len(bundle.model.vision_model.encoder.layers))
     r = explain_volume(bundle, lambda z: to_unit_rgb(vol[z]), vol.shape[0], target_text=target, method=method,
-                       blocks=n)
+                       blocks=n, gradient=gradient)
     heat = np.asarray(r["upsampled"], np.float32)
     return heat, {"target": target, "explained": r.get("target") or target, "negated": bool(r.get("negated")),
-                  "method": method, "blocks": n, "scale": float(r["scale"]), "top_regions": top_regions(heat)}
+                  "method": method, "blocks": n, "gradient": gradient, "scale": float(r["scale"]), "top_regions": top_regions(heat)}
 
 
 # ----------------------------------------------------------------------------- the per-series function
@@ -394,7 +414,7 @@ def _run_and_write(spec, config, models, vol, geom, sources, stage, out: Path, f
         t = time.perf_counter()
         result["explanations"] = []
         for i, target in enumerate(targets):
-            heat, info = run_explain(models, vol, target, config.explain_method, config.explain_blocks)
+            heat, info = run_explain(models, vol, target, config.explain_method, config.blocks, config.gradient)
             dsets = O.heatmap_datasets(sources, heat, target, config.explain_method, seed, index=i)
             names = []
             for k, ds in enumerate(dsets):
@@ -421,7 +441,7 @@ def _run_and_write(spec, config, models, vol, geom, sources, stage, out: Path, f
                    "frame_of_reference_uid": geom.get("frame_of_reference_uid", ""),
                    "sop_instance_uids": [str(s.SOPInstanceUID) for s in sources]},
         "config": {"tasks": list(config.tasks), "threshold": config.threshold, "explain_method": config.explain_method,
-                   "explain_blocks": config.explain_blocks,
+                   "explain_blocks": config.blocks, "explain_gradient": config.gradient,
                    "fingerprint": fp, "device": models.device},
         "outputs": files, "timings": timings, **result,
     }

@@ -22,8 +22,8 @@ the captured per-head q, k, v; the tests check it equals the module's output.
 ``method="grad_eclip_single_head"`` is the flawed baseline of the public code: it re-runs the block
 as ONE head, so it explains a different forward pass (its own cosine is ``explained_cosine``).
 
-Cost. The blocks before the last run without an autograd graph (the gradient is only needed from the
-last block on). The entropy depends on the image only: it runs on a worker thread beside the forward,
+Cost. The blocks before the first explained one run without an autograd graph (the gradient is only
+needed from there on). ``gradient="direct"`` needs no backward through the blocks at all (below). The entropy depends on the image only: it runs on a worker thread beside the forward,
 and an image's weights are kept (by a hash of its pixels) for the next target asked of it.
 
 Choices where methods.md leaves room:
@@ -42,6 +42,10 @@ Choices where methods.md leaves room:
   ReLU. The [CLS] embedding is the residual sum of every block's output, and on the default 6-block
   model the last block alone leaves a third of the derm diagnosis maps empty; all blocks fill them and
   beat Grad-CAM on deletion (benchmarks/results/explain_mean*.md) at ~2.5x a forward instead of ~1.4x.
+- ``gradient`` (beyond the paper, default "exact"): "direct" takes (E3) along the residual stream only,
+  ``∂S/∂o_l ≈ W_out,lᵀ ∂S/∂x_L`` (the direct effect of each block's attention on the [CLS] embedding),
+  dropping the later blocks' Jacobians. Every block's weights then come from one small backward through
+  the output head, so all blocks cost about what the last block costs exactly.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ from clinlens.models.zeroshot import POSITIVE_TEMPLATES
 METHODS = ("medgrad", "grad_eclip", "grad_eclip_single_head", "attention")
 BLOCK_METHODS = ("medgrad", "grad_eclip")  # the methods that can sum (E5) over several blocks
 ENTROPY_ON = ("image", "heatmap")
+GRADIENTS = ("exact", "direct")  # (E3) by a backward through the blocks, or along the direct residual path
 REF_SIZE = 224  # the radius is given in pixels at 224²
 ENTROPY_BINS = 64  # grey levels of the local-entropy histogram
 
@@ -74,10 +79,11 @@ class _Probe:
     After the forward: ``x`` the layer input, ``q``, ``k``, ``v`` (B, H, T, d) from the module's own
     projections, ``mask``/``causal`` as passed to it, ``o`` (B, T, D) the attention output before
     ``out_proj``, ``out`` the self-attention output, and ``delta`` the zero leaf added to ``o``.
+    With ``lean`` only q, k and v are recorded (all that (E4)–(E5) read).
     """
 
-    def __init__(self, layer, inject: bool = True):
-        self.layer, self.attn, self.inject = layer, layer.self_attn, inject
+    def __init__(self, layer, inject: bool = True, lean: bool = False):
+        self.layer, self.attn, self.inject, self.lean = layer, layer.self_attn, inject, lean
         self.heads, self.head_dim = self.attn.num_heads, self.attn.head_dim
         self.scale = float(self.attn.scale)
         self.thread = threading.get_ident()
@@ -122,15 +128,15 @@ class _Probe:
             if self._mine():
                 self.out = (out[0] if isinstance(out, tuple) else out).detach()
 
-        self._handles = [
-            self.layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
-            a.register_forward_pre_hook(attn_pre, with_kwargs=True),
-            a.q_proj.register_forward_hook(proj("q")),
-            a.k_proj.register_forward_hook(proj("k")),
-            a.v_proj.register_forward_hook(proj("v")),
-            a.out_proj.register_forward_pre_hook(out_pre),
-            a.register_forward_hook(attn_post, with_kwargs=True),
-        ]
+        self._handles = [a.q_proj.register_forward_hook(proj("q")), a.k_proj.register_forward_hook(proj("k")),
+                         a.v_proj.register_forward_hook(proj("v"))]
+        if not self.lean:
+            self._handles += [
+                self.layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
+                a.register_forward_pre_hook(attn_pre, with_kwargs=True),
+                a.out_proj.register_forward_pre_hook(out_pre),
+                a.register_forward_hook(attn_post, with_kwargs=True),
+            ]
         return self
 
     def __exit__(self, *exc):
@@ -202,10 +208,19 @@ def _check_blocks(bundle, blocks) -> int:
     return int(blocks)
 
 
+def _check_gradient(gradient) -> str:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+    return gradient
+
+
 def last_block(bundle, pixel_values: torch.Tensor, target_embedding: torch.Tensor | None = None,
-               blocks: int = 1) -> LastBlock:
+               blocks: int = 1, gradient: str = "exact") -> LastBlock:
     """Run the model's own vision tower once with its last `blocks` blocks hooked; with a target, also
-    (E1) and (E3) at each of them."""
+    (E1) and (E3) at each of them (`gradient` "exact": one backward through the hooked blocks;
+    "direct": the direct residual path, see `_direct_block`)."""
+    if _check_gradient(gradient) == "direct":
+        return _direct_block(bundle, pixel_values, target_embedding, _check_blocks(bundle, blocks))
     model = bundle.model
     vm = model.vision_model
     hooked = vm.encoder.layers[len(vm.encoder.layers) - _check_blocks(bundle, blocks):]
@@ -234,6 +249,31 @@ def last_block(bundle, pixel_values: torch.Tensor, target_embedding: torch.Tenso
     return LastBlock(probes, emb.detach(), None if cos is None else cos.detach(), grads)
 
 
+def _direct_block(bundle, pixel_values: torch.Tensor, target_embedding: torch.Tensor | None, blocks: int) -> LastBlock:
+    """(E3) along the direct residual path: no backward through the blocks.
+
+    Block l adds ``out_proj_l(o_l)`` to the [CLS] residual stream, whose final value x_L gives the embedding
+    through post_layernorm and the projection. Dropping the later blocks' Jacobians (the "direct effect" of
+    Gandelsman et al., ICLR 2024) gives ``∂S/∂o_l ≈ W_out,lᵀ · ∂S/∂x_L``: one small backward through the
+    head, so a heatmap over every block costs about a forward pass. For the last block it leaves out only
+    that block's MLP Jacobian. The q, k, v and spatial weights are the real pass's, as with "exact"."""
+    model = bundle.model
+    vm = model.vision_model
+    hooked = vm.encoder.layers[len(vm.encoder.layers) - blocks:]
+    with _grad_on(), torch.no_grad(), contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(_Probe(layer, inject=False, lean=True)) for layer in hooked]
+        x = vm(pixel_values=pixel_values.to(bundle.device)).last_hidden_state[:, 0]
+    with _grad_on():
+        x = x.detach().requires_grad_(target_embedding is not None)
+        emb = F.normalize(model.visual_projection(vm.post_layernorm(x)), dim=-1)
+        cos = grads = None
+        if target_embedding is not None:
+            cos = (emb * target_embedding.to(emb)).sum(-1)
+            g = torch.autograd.grad(cos.sum(), x)[0].detach()
+            grads = [g @ p.attn.out_proj.weight.detach().to(g) for p in probes]
+    return LastBlock(probes, emb.detach(), None if cos is None else cos.detach(), grads)
+
+
 # ----------------------------------------------------------------------------- maps (B, N) over patches
 def _minmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
@@ -250,15 +290,19 @@ def spatial_weights(q: torch.Tensor, k: torch.Tensor, query: int = 0, keys=slice
 def grad_eclip_map(lb: LastBlock, use_qk: bool = True) -> torch.Tensor:
     """(E5) on the real multi-head block: ReLU(Σ_h Σ_{c∈h} w_c · w^h_i · v_ic) -> (B, N).
 
-    With several blocks captured, the signed contributions of each are summed before the ReLU."""
-    total = 0
-    for p, grad in zip(lb.probes, lb.grads):
-        g = grad.float().view(grad.shape[0], p.heads, p.head_dim)
-        contrib = torch.einsum("bhd,bhnd->bhn", g, p.v[:, :, 1:].float())  # Σ_{c∈h} w_c v_ic
-        if use_qk:
-            contrib = contrib * spatial_weights(p.q, p.k)
-        total = total + contrib.sum(1)
-    return F.relu(total)
+    With several blocks captured, the signed contributions of each are summed before the ReLU (the blocks
+    are stacked into one batch: their heads and widths are the same)."""
+    p = lb.probe
+    g = torch.stack(lb.grads).float()
+    L, B = g.shape[:2]
+    g = g.view(L * B, p.heads, p.head_dim)
+    v = torch.stack([q.v[:, :, 1:] for q in lb.probes]).float().flatten(0, 1)
+    contrib = torch.einsum("bhd,bhnd->bhn", g, v)  # Σ_{c∈h} w_c v_ic
+    if use_qk:
+        qs = torch.stack([q.q[:, :, :1] for q in lb.probes]).flatten(0, 1)
+        ks = torch.stack([q.k[:, :, 1:] for q in lb.probes]).flatten(0, 1)
+        contrib = contrib * spatial_weights(qs, ks, 0, slice(None))
+    return F.relu(contrib.view(L, B, *contrib.shape[1:]).sum((0, 2)))
 
 
 def attention_map(lb: LastBlock) -> torch.Tensor:
@@ -335,7 +379,8 @@ def as_float_image(image) -> np.ndarray:
 
 def _gray(image) -> np.ndarray:
     a = as_float_image(image)
-    return a.mean(-1) if a.ndim == 3 else a
+    # the channel mean, summed in mean's order; numpy's reduction over a last axis of 3 is ~10x slower
+    return (a[..., 0] + a[..., 1] + a[..., 2]) / np.float32(3) if a.ndim == 3 else a
 
 
 def local_entropy(image, radius: float = 5.0, ref_size: int = REF_SIZE, bins: int = ENTROPY_BINS) -> np.ndarray:
@@ -501,11 +546,13 @@ def resolve_target(bundle, target_text: str | None = None, target_embedding=None
     return Target(None)
 
 
-def _check(method: str, radius, entropy_on: str, bundle=None, blocks: int = 1) -> None:
+def _check(method: str, radius, entropy_on: str, bundle=None, blocks: int = 1, gradient: str = "exact") -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if bundle is not None and _check_blocks(bundle, blocks) > 1 and method not in BLOCK_METHODS:
         raise ValueError(f"blocks > 1 applies to medgrad and grad_eclip only, not {method!r}")
+    if _check_gradient(gradient) != "exact" and method not in BLOCK_METHODS:
+        raise ValueError(f"gradient {gradient!r} applies to medgrad and grad_eclip only, not {method!r}")
     if entropy_on not in ENTROPY_ON:
         raise ValueError(f"entropy_on must be 'image' or 'heatmap', got {entropy_on!r}")
     _check_radius(radius)
@@ -541,7 +588,7 @@ def _entropy_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _raw_maps(bundle, pv, target: Target, method, images, radius, entropy_on, medgrad_qk,
-              overlap_entropy: bool = True, blocks: int = 1) -> dict:
+              overlap_entropy: bool = True, blocks: int = 1, gradient: str = "exact") -> dict:
     """Unnormalised maps (B, h, w) for a batch of pixel values, one real forward pass.
 
     MedGrad's image entropy depends on the image only: with `overlap_entropy` it is computed on a worker
@@ -556,7 +603,7 @@ def _raw_maps(bundle, pv, target: Target, method, images, radius, entropy_on, me
         else:
             pending = concurrent.futures.Future()
             pending.set_result(job())
-    lb = last_block(bundle, pv, target.embedding, blocks)
+    lb = last_block(bundle, pv, target.embedding, blocks, gradient)
     grid = lb.grid
     explained = None
     if method == "attention":
@@ -595,7 +642,8 @@ def _pixels(bundle, pixel_values, image) -> torch.Tensor:
 def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str | None = None, target_embedding=None,
             method: str = "medgrad", radius: float = 5.0, entropy_on: str = "image", image=None, *,
             templates=POSITIVE_TEMPLATES, words: bool = True, text_layers: int | None = None,
-            medgrad_qk: bool = True, size=None, overlap_entropy: bool = True, blocks: int = 1) -> dict:
+            medgrad_qk: bool = True, size=None, overlap_entropy: bool = True, blocks: int = 1,
+            gradient: str = "exact") -> dict:
     """Explain one image's match with a target.
 
     `pixel_values` (1, 3, S, S) as from `bundle.pixel_values`, or only `image` ((H, W) or (H, W, 3) in
@@ -613,15 +661,17 @@ def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str |
     (the same result; False computes it first, in the calling thread).
     `blocks`: MedGrad and Grad-ECLIP sum (E5)'s signed contributions over the last `blocks` vision blocks,
     each with its own gradient and q–k weights, before the ReLU (1 = the last block, as in the paper).
+    `gradient`: (E3) "exact" (a backward through those blocks) or "direct" (along the residual stream
+    only, no backward through the blocks; see `_direct_block`).
     """
-    _check(method, radius, entropy_on, bundle, blocks)
+    _check(method, radius, entropy_on, bundle, blocks, gradient)
     target = resolve_target(bundle, target_text, target_embedding, templates, required=method != "attention")
     pv = _pixels(bundle, pixel_values, image)
     if pv.shape[0] != 1:
         raise ValueError(f"explain takes one image, got a batch of {pv.shape[0]}; use explain_volume for a stack")
     gray = _gray(image) if image is not None else None
     r = _raw_maps(bundle, pv, target, method, None if gray is None else [gray], radius, entropy_on, medgrad_qk,
-                  overlap_entropy, blocks)
+                  overlap_entropy, blocks, gradient)
     raw = r["raw"][0]
     scale = float(raw.max())
     heat = raw / scale if scale > 0 else torch.zeros_like(raw)
@@ -629,7 +679,7 @@ def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str |
         size = gray.shape if gray is not None else pv.shape[-2:]
     entropy_shape = gray.shape if gray is not None and entropy_on == "image" else pv.shape[-2:]
     lb = r["lb"]
-    out = dict(method=method, blocks=blocks, heatmap=heat.numpy().astype(np.float32), grid=r["grid"],
+    out = dict(method=method, blocks=blocks, gradient=gradient, heatmap=heat.numpy().astype(np.float32), grid=r["grid"],
                upsampled=_upsample(heat, size).numpy().astype(np.float32), size=tuple(int(s) for s in size),
                cosine=None if lb.cosine is None else float(lb.cosine[0]),
                explained_cosine=None if r["explained"] is None else float(r["explained"][0]),
@@ -646,16 +696,17 @@ def explain(bundle, pixel_values: torch.Tensor | None = None, target_text: str |
 def explain_volume(bundle, slices_fn, depth: int, target_text: str | None = None, target_embedding=None,
                    method: str = "medgrad", radius: float = 5.0, entropy_on: str = "image", *,
                    batch_size: int = 4, upsample: bool = True, templates=POSITIVE_TEMPLATES,
-                   medgrad_qk: bool = True, overlap_entropy: bool = True, blocks: int = 1) -> dict:
+                   medgrad_qk: bool = True, overlap_entropy: bool = True, blocks: int = 1,
+                   gradient: str = "exact") -> dict:
     """Slice-wise explanation of a volume with ONE scale: every slice is divided by the max over all slices.
 
     `slices_fn(z)` returns slice z as an image (H, W) or (H, W, 3) in [0, 1] (window CT before). Slices
     run `batch_size` at a time. Returns heatmaps (D, h, w) in [0, 1] (max 1 over the volume; a weaker
     slice stays below 1), upsampled (D, H, W) at the slice size (if `upsample`), cosines (D,), scale,
     slice_scales (each slice's own max before normalising), grid, negated, prompt, target, method.
-    `blocks` as in `explain`.
+    `blocks` and `gradient` as in `explain`.
     """
-    _check(method, radius, entropy_on, bundle, blocks)
+    _check(method, radius, entropy_on, bundle, blocks, gradient)
     if not isinstance(depth, (int, np.integer)) or depth < 1:
         raise ValueError(f"depth must be a positive integer, got {depth!r}")
     if batch_size < 1:
@@ -665,8 +716,8 @@ def explain_volume(bundle, slices_fn, depth: int, target_text: str | None = None
     for z0 in range(0, depth, batch_size):
         imgs = [as_float_image(slices_fn(z)) for z in range(z0, min(depth, z0 + batch_size))]
         pv = torch.cat([_pixels(bundle, None, a) for a in imgs])
-        r = _raw_maps(bundle, pv, target, method, [a.mean(-1) if a.ndim == 3 else a for a in imgs], radius,
-                      entropy_on, medgrad_qk, overlap_entropy, blocks)
+        r = _raw_maps(bundle, pv, target, method, [_gray(a) for a in imgs], radius,
+                      entropy_on, medgrad_qk, overlap_entropy, blocks, gradient)
         raws.append(r["raw"])
         cosines += [] if r["lb"].cosine is None else r["lb"].cosine.float().cpu().tolist()
         shapes += [a.shape[:2] for a in imgs]
