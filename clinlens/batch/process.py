@@ -328,7 +328,8 @@ def run_explain(models: Models, vol: np.ndarray, target: str, method: str, block
                        blocks=n, gradient=gradient)
     heat = np.asarray(r["upsampled"], np.float32)
     return heat, {"target": target, "explained": r.get("target") or target, "negated": bool(r.get("negated")),
-                  "method": method, "blocks": n, "gradient": gradient, "scale": float(r["scale"]), "top_regions": top_regions(heat)}
+                  "method": method, "blocks": n, "gradient": gradient, "scale": float(r["scale"]),
+                  "top_regions": top_regions(heat)}
 
 
 # ----------------------------------------------------------------------------- the per-series function

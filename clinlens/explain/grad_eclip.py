@@ -23,8 +23,9 @@ the captured per-head q, k, v; the tests check it equals the module's output.
 as ONE head, so it explains a different forward pass (its own cosine is ``explained_cosine``).
 
 Cost. The blocks before the first explained one run without an autograd graph (the gradient is only
-needed from there on). ``gradient="direct"`` needs no backward through the blocks at all (below). The entropy depends on the image only: it runs on a worker thread beside the forward,
-and an image's weights are kept (by a hash of its pixels) for the next target asked of it.
+needed from there on); ``gradient="direct"`` needs no backward through the blocks at all (below). The
+entropy depends on the image only: it runs on a worker thread beside the forward, and an image's weights
+are kept (by a hash of its pixels) for the next target asked of it.
 
 Choices where methods.md leaves room:
 - MedGrad keeps Grad-ECLIP's query–key weight and multiplies the entropy in (DESIGN.md: "multiplies in").
@@ -41,11 +42,13 @@ Choices where methods.md leaves room:
   vision blocks, each with its own gradient and q–k weights, signed contributions summed before the
   ReLU. The [CLS] embedding is the residual sum of every block's output, and on the default 6-block
   model the last block alone leaves a third of the derm diagnosis maps empty; all blocks fill them and
-  beat Grad-CAM on deletion (benchmarks/results/explain_mean*.md) at ~2.5x a forward instead of ~1.4x.
+  beat Grad-CAM on deletion (benchmarks/results/explain*.md) at ~2.4x a forward instead of ~1.4x.
 - ``gradient`` (beyond the paper, default "exact"): "direct" takes (E3) along the residual stream only,
   ``∂S/∂o_l ≈ W_out,lᵀ ∂S/∂x_L`` (the direct effect of each block's attention on the [CLS] embedding),
   dropping the later blocks' Jacobians. Every block's weights then come from one small backward through
-  the output head, so all blocks cost about what the last block costs exactly.
+  the output head, so all blocks cost about what the last block costs exactly (~1.4x a forward).
+  The functions here default to the paper (last block, exact); the `explain` infer task and the batch
+  default to all blocks with "direct", chosen on validation phantoms (benchmarks/explain_blocks.py).
 """
 from __future__ import annotations
 
@@ -296,11 +299,11 @@ def grad_eclip_map(lb: LastBlock, use_qk: bool = True) -> torch.Tensor:
     g = torch.stack(lb.grads).float()
     L, B = g.shape[:2]
     g = g.view(L * B, p.heads, p.head_dim)
-    v = torch.stack([q.v[:, :, 1:] for q in lb.probes]).float().flatten(0, 1)
+    v = torch.stack([pr.v[:, :, 1:] for pr in lb.probes]).float().flatten(0, 1)
     contrib = torch.einsum("bhd,bhnd->bhn", g, v)  # Σ_{c∈h} w_c v_ic
     if use_qk:
-        qs = torch.stack([q.q[:, :, :1] for q in lb.probes]).flatten(0, 1)
-        ks = torch.stack([q.k[:, :, 1:] for q in lb.probes]).flatten(0, 1)
+        qs = torch.stack([pr.q[:, :, :1] for pr in lb.probes]).flatten(0, 1)
+        ks = torch.stack([pr.k[:, :, 1:] for pr in lb.probes]).flatten(0, 1)
         contrib = contrib * spatial_weights(qs, ks, 0, slice(None))
     return F.relu(contrib.view(L, B, *contrib.shape[1:]).sum((0, 2)))
 

@@ -141,7 +141,8 @@ class ExplainInfer(ClinlensInfer):
             raise RequestError(str(e)) from e
         shown = r.get("target") or target
         result = {"target": target, "explained": shown, "negated": bool(r.get("negated")), "method": method,
-                  "blocks": blocks, "gradient": gradient, "top_regions": top_regions(heat), "words": words, "scale": r.get("scale"),
+                  "blocks": blocks, "gradient": gradient, "top_regions": top_regions(heat), "words": words,
+                  "scale": r.get("scale"),
                   **evidence(heat, shown, method in BLOCK_METHODS and blocks < depth)}
         if as_float:
             out = heat
