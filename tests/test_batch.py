@@ -355,6 +355,10 @@ def test_cli_exit_codes(inputs, tmp_path, capsys):
                                                   explain_gradient="exact").fingerprint()
     with pytest.raises(ValueError, match="explain gradient must be one of"):
         BatchConfig(out_dir="x", explain_gradient="fast")
+    with pytest.raises(ValueError, match="'attention' has the last block and the exact gradient only"):
+        BatchConfig(out_dir="x", explain_method="attention", explain_gradient="direct")
+    with pytest.raises(ValueError, match="blocks 'all'"):
+        BatchConfig(out_dir="x", explain_method="attention", explain_blocks="all")
 
 
 def _study_of(folder) -> str:

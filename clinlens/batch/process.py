@@ -61,13 +61,17 @@ class BatchConfig:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
-        from clinlens.explain.grad_eclip import GRADIENTS
+        from clinlens.explain.grad_eclip import BLOCK_METHODS, GRADIENTS
 
-        if self.gradient not in GRADIENTS:
-            raise ValueError(f"explain gradient must be one of {', '.join(GRADIENTS)}, got {self.gradient!r}")
-        b = str(self.blocks)
+        blocks, gradient = self.explain_choice
+        if gradient not in GRADIENTS:
+            raise ValueError(f"explain gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
+        b = str(blocks)
         if b not in ("last", "all") and not (b.isdigit() and int(b) >= 1):
             raise ValueError(f"explain blocks must be 'last', 'all' or a number of last blocks >= 1, got {b!r}")
+        if self.explain_method not in BLOCK_METHODS and (b not in ("last", "1") or gradient != "exact"):
+            raise ValueError(f"explain method {self.explain_method!r} has the last block and the exact gradient only; "
+                             f"blocks {b!r} and gradient {gradient!r} apply to {' and '.join(BLOCK_METHODS)}")
         if b.isdigit() and "explain" in self.tasks:  # refused here, not once per series
             from clinlens.models.clip import resolve_clip_dir, vision_depth
 
@@ -78,17 +82,20 @@ class BatchConfig:
                                  f"ask 'all' or a number up to {depth}")
 
     @property
-    def blocks(self) -> str:
-        """`explain_blocks`, or the method's default (`clinlens.infer.explain.method_defaults`)."""
+    def explain_choice(self) -> tuple[str, str]:
+        """(blocks, gradient): the ones given, else the method's (`clinlens.infer.explain.method_defaults`)."""
         from clinlens.infer.explain import method_defaults
 
-        return self.explain_blocks or method_defaults(self.explain_method)[0]
+        blocks, gradient = method_defaults(self.explain_method)
+        return self.explain_blocks or blocks, self.explain_gradient or gradient
+
+    @property
+    def blocks(self) -> str:
+        return self.explain_choice[0]
 
     @property
     def gradient(self) -> str:
-        from clinlens.infer.explain import method_defaults
-
-        return self.explain_gradient or method_defaults(self.explain_method)[1]
+        return self.explain_choice[1]
 
     @property
     def segment_prompts(self) -> tuple:

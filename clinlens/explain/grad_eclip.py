@@ -82,11 +82,10 @@ class _Probe:
     After the forward: ``x`` the layer input, ``q``, ``k``, ``v`` (B, H, T, d) from the module's own
     projections, ``mask``/``causal`` as passed to it, ``o`` (B, T, D) the attention output before
     ``out_proj``, ``out`` the self-attention output, and ``delta`` the zero leaf added to ``o``.
-    With ``lean`` only q, k and v are recorded (all that (E4)–(E5) read).
     """
 
-    def __init__(self, layer, inject: bool = True, lean: bool = False):
-        self.layer, self.attn, self.inject, self.lean = layer, layer.self_attn, inject, lean
+    def __init__(self, layer, inject: bool = True):
+        self.layer, self.attn, self.inject = layer, layer.self_attn, inject
         self.heads, self.head_dim = self.attn.num_heads, self.attn.head_dim
         self.scale = float(self.attn.scale)
         self.thread = threading.get_ident()
@@ -131,15 +130,15 @@ class _Probe:
             if self._mine():
                 self.out = (out[0] if isinstance(out, tuple) else out).detach()
 
-        self._handles = [a.q_proj.register_forward_hook(proj("q")), a.k_proj.register_forward_hook(proj("k")),
-                         a.v_proj.register_forward_hook(proj("v"))]
-        if not self.lean:
-            self._handles += [
-                self.layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
-                a.register_forward_pre_hook(attn_pre, with_kwargs=True),
-                a.out_proj.register_forward_pre_hook(out_pre),
-                a.register_forward_hook(attn_post, with_kwargs=True),
-            ]
+        self._handles = [
+            self.layer.register_forward_pre_hook(layer_pre, with_kwargs=True),
+            a.register_forward_pre_hook(attn_pre, with_kwargs=True),
+            a.q_proj.register_forward_hook(proj("q")),
+            a.k_proj.register_forward_hook(proj("k")),
+            a.v_proj.register_forward_hook(proj("v")),
+            a.out_proj.register_forward_pre_hook(out_pre),
+            a.register_forward_hook(attn_post, with_kwargs=True),
+        ]
         return self
 
     def __exit__(self, *exc):
@@ -264,7 +263,7 @@ def _direct_block(bundle, pixel_values: torch.Tensor, target_embedding: torch.Te
     vm = model.vision_model
     hooked = vm.encoder.layers[len(vm.encoder.layers) - blocks:]
     with _grad_on(), torch.no_grad(), contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(_Probe(layer, inject=False, lean=True)) for layer in hooked]
+        probes = [stack.enter_context(_Probe(layer, inject=False)) for layer in hooked]
         x = vm(pixel_values=pixel_values.to(bundle.device)).last_hidden_state[:, 0]
     with _grad_on():
         x = x.detach().requires_grad_(target_embedding is not None)

@@ -34,7 +34,7 @@ GRADIENT_CHOICES = ("direct", "exact")
 def method_defaults(method: str) -> tuple[str, str]:
     """(blocks, gradient) when the client names none: all blocks along the direct path for MedGrad and
     Grad-ECLIP (chosen on validation phantoms), the last block for the maps that have no other."""
-    return ("all", "direct") if method in BLOCK_METHODS else ("last", "exact")
+    return (BLOCKS[0], GRADIENT_CHOICES[0]) if method in BLOCK_METHODS else ("last", "exact")
 
 
 def chosen(request: dict, key: str):
