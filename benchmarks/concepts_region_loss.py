@@ -1,8 +1,10 @@
-"""Choosing CSR's region loss on validation phantoms (never the held-out set of benchmarks/concepts.py).
+"""Choosing CSR's region loss and backbone fine-tuning on validation phantoms (never the held-out set of
+benchmarks/concepts.py).
 
 CSR is trained as `clinlens train-default --concepts-only` trains the shipped models (240 seed-0 phantoms
 with their concept masks as drawn regions, seed 0, default steps), once per setting of the drawn-region
-loss (`region_weight`, `region_mode`); pointing (mask and box, as benchmarks/concepts.py) and macro-F1
+loss (`region_weight`, `region_mode`) or of the backbone (`finetune_backbone` at `backbone_lr`, with the
+shipped region loss); pointing (mask and box, as benchmarks/concepts.py) and macro-F1
 before and after atlas pruning on validation phantoms of seed bases 5 and 6 (held-out: base 9).
 Writes benchmarks/results/concepts_region_loss.md and .json.
 """
@@ -29,6 +31,8 @@ SETTINGS = {"none (weight 0)": dict(region_weight=0.0)}
 for mode in ("prototype", "concept"):
     for w in (0.3, 1.0, 3.0):
         SETTINGS[f"{mode}, weight {w:g}"] = dict(region_weight=w, region_mode=mode)
+for blr in (3e-5, 1e-4, 3e-4, 1e-3):
+    SETTINGS[f"fine-tuned backbone, lr {blr:.0e}"] = dict(finetune_backbone=True, backbone_lr=blr)
 
 
 def main(argv=None):
@@ -50,29 +54,34 @@ def main(argv=None):
             concepts, classes = CSR_FAMILIES[fam]
             train = phantom_concept_items(fam, 0, a.n_train, drawn=True)
             val = {b: phantom_concept_items(fam, b, a.n_val) for b in a.bases}
-            cache = None
+            frozen = None  # the frozen CLIP's features serve every setting that keeps the backbone frozen
             for name, cfg in SETTINGS.items():
                 if a.settings and name not in a.settings:
                     continue
                 path = Path(tmp) / f"{fam}.safetensors"
+                t1 = time.time()
                 train_csr(bundle, train, path, concepts, classes, progress=False, log=lambda *_: None, **cfg)
-                if cache is None:
+                seconds = time.time() - t1
+                tuned = bool(cfg.get("finetune_backbone"))
+                cache = None if tuned else frozen
+                if cache is None:  # features of this model's backbone
                     m = CSRModel.load(bundle, path)
-                    ftr, _, ytr, _ = _tensors(bundle, m, train)
-                    cache = {b: _tensors(bundle, m, v) for b, v in val.items()}
+                    cache = {"train": _tensors(bundle, m, train), **{b: _tensors(bundle, m, v) for b, v in val.items()}}
+                    frozen = frozen if tuned else cache
+                ftr, _, ytr, _ = cache["train"]
                 for b, v in val.items():
                     fte, _, yte, _ = cache[b]
                     r = evaluate(CSRModel.load(bundle, path), ftr, ytr, fte, yte, v, 224)
                     r = {k: x for k, x in r.items() if not k.startswith("per_concept")}
-                    rows.append({"family": fam, "setting": name, "base": b, **r})
+                    rows.append({"family": fam, "setting": name, "base": b, "train_seconds": seconds, **r})
                     print(fam, name, b, {k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()}, flush=True)
     lines = [header("CSR region loss: validation phantoms"),
              f"- CSR trained as `clinlens train-default --concepts-only` ({a.n_train} seed-0 phantoms with concept masks "
              f"drawn), per setting; evaluated on {a.n_val} validation phantoms per seed base {a.bases} (held-out "
              "benchmark: base 9). Pointing as in benchmarks/concepts.py (mask: the peak patch touches the mask; box: "
              "its centre inside the mask's bounding box, the paper's definition). Means over the bases.", "",
-             "| family | setting | macro-F1 | F1 after pruning | pointing before, mask / box | pointing after, mask / box | pruned |",
-             "|---|---|---|---|---|---|---|"]
+             "| family | setting | macro-F1 | F1 after pruning | pointing before, mask / box | pointing after, mask / box | pruned | train s |",
+             "|---|---|---|---|---|---|---|---|"]
     for fam in a.families:
         for name in SETTINGS:
             rs = [r for r in rows if r["family"] == fam and r["setting"] == name]
@@ -81,7 +90,7 @@ def main(argv=None):
             m = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
             lines.append(f"| {fam} | {name} | {m('csr_f1'):.3f} | {m('csr_f1_pruned'):.3f} | {m('pointing_before'):.3f} / "
                          f"{m('pointing_box_before'):.3f} | {m('pointing_after'):.3f} / {m('pointing_box_after'):.3f} | "
-                         f"{m('pruned'):.1f} |")
+                         f"{m('pruned'):.1f} | {m('train_seconds'):.0f} |")
     lines += ["", f"Run time: {time.time() - t0:.0f}s.", ""]
     write_results(a.out, lines, rows)
 

@@ -181,6 +181,18 @@ def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_
     assert task({"steps": 1, "region_weight": None}, ds)["derm"]["region_weight"] == 1.0  # null keeps the model's
     assert task({"steps": 1, "region_weight": "0"}, ds)["derm"]["region_weight"] == 0.0
     assert CSRModel.load(csr.clip.get(), csr.path("derm")).config["region_weight"] == 0.0
+    # the backbone: kept frozen by default, fine-tuned on request (then saved with the model); bad values refused
+    before = csr.path("derm").read_bytes()
+    for bad, words in (({"backbone": "thaw"}, "'backbone' must be one of"), ({"backbone_lr": 5}, "'backbone_lr' must be in")):
+        with pytest.raises(ValueError, match=words):
+            task({"steps": 1, **bad}, ds)
+    assert csr.path("derm").read_bytes() == before
+    assert "backbone_lr" not in out["derm"] and not trained.config["finetune_backbone"]
+    ft = task({"steps": 2, "backbone": "fine-tune", "backbone_lr": 1e-3}, ds)["derm"]
+    assert ft["backbone_lr"] == 1e-3
+    tuned = CSRModel.load(csr.clip.get(), csr.path("derm"))
+    assert tuned.config["finetune_backbone"] and tuned.backbone is not csr.clip.get().model.vision_model
+    assert csr.get("derm").config["finetune_backbone"]  # inference picks up the fine-tuned model
 
 
 def test_train_task_prunes_the_prototypes_firing_on_a_drawn_marker(studies, tmp_path):

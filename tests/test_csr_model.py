@@ -512,3 +512,36 @@ def test_drawn_regions_teach_the_maps_to_peak_inside_them(bundle, derm):
     without, with_loss = pointing(0.0), pointing(1.0)
     print(f"held-out pointing without the region loss {without:.3f}, with it {with_loss:.3f}")
     assert with_loss > without + 0.05
+
+
+def test_train_csr_fine_tunes_its_own_backbone(bundle, tmp_path):
+    """`finetune_backbone=True`: train_csr encodes each batch with the model's own copy of the vision tower,
+    trains it at `backbone_lr` (the shared CLIP untouched), and scores, atlas and file follow the trained copy."""
+    from clinlens.data.phantoms import CHEST_DIAGNOSES, CHEST_FINDINGS
+    from clinlens.trainers.concepts import encode, fit_csr, phantom_concept_items, pixel_batches, train_csr
+
+    items = phantom_concept_items("chest", 0, 12, drawn=True)
+    shared = {k: v.clone() for k, v in bundle.model.vision_model.state_dict().items()}
+    kw = dict(steps=3, batch=4, progress=False, log=lambda *_: None, finetune_backbone=True, n_prototypes=2)
+    summ = train_csr(bundle, items, tmp_path / "ft.safetensors", CHEST_FINDINGS, CHEST_DIAGNOSES, backbone_lr=1e-3, **kw)
+    assert summ["backbone_lr"] == 1e-3
+    assert all(torch.equal(v, shared[k]) for k, v in bundle.model.vision_model.state_dict().items())
+    m = CSRModel.load(bundle, tmp_path / "ft.safetensors")
+    tuned = m.backbone.state_dict()
+    assert any(not torch.equal(tuned[k], shared[k]) for k in shared)
+    # the atlas comes from the trained backbone's features
+    pixels = torch.cat([pv for _, pv in pixel_batches(bundle, items)])
+    maps = m.similarity_maps(encode(m, pixels)).flatten(2)
+    ids = [it[0] for it in items]
+    for e in m.atlas:
+        j = int((m.proto_ids == e["prototype_id"]).nonzero())
+        r, c = e["patch"]
+        got = float(maps[ids.index(e["image_id"]), j, r * m.grid[1] + c])
+        assert got == pytest.approx(e["similarity"], abs=1e-4)
+    # backbone_lr 0 leaves the copy as the CLIP's; a tuned model cannot train on cached features
+    train_csr(bundle, items, tmp_path / "still.safetensors", CHEST_FINDINGS, CHEST_DIAGNOSES, backbone_lr=0.0, **kw)
+    still = CSRModel.load(bundle, tmp_path / "still.safetensors").backbone.state_dict()
+    assert all(torch.equal(still[k], shared[k]) for k in shared)
+    with pytest.raises(ValueError, match="trains on pixels"):
+        fit_csr(m, None, torch.zeros(2, len(CHEST_FINDINGS)), torch.zeros(2, dtype=torch.long),
+                torch.zeros(2, len(CHEST_FINDINGS), 224, 224), steps=1, batch=2, lr=1e-3)

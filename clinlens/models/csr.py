@@ -273,6 +273,13 @@ class CSRModel(nn.Module):
             raise ValueError(f"unknown concepts {bad}; known: {self.concepts}")
         return out
 
+    def own_backbone(self) -> None:
+        """Give a frozen-backbone model its own trainable copy of the CLIP vision tower (saved with it from
+        now on, `finetune_backbone`); a model that has one keeps it."""
+        if not self.config["finetune_backbone"]:
+            self.backbone = copy.deepcopy(self._clip.vision_model).to(self.device)
+            self.config["finetune_backbone"] = True
+
     # ------------------------------------------------------------------ features and stage 1
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D, h, w); frozen backbones run without gradients."""

@@ -7,7 +7,9 @@ then the prototype atlas; optional prototype pruning with a refit of the task he
 - One CSR model per image family (`csr_<family>.safetensors` beside the region model): derm
   (dermoscopic concepts -> diagnosis), chest (findings -> diagnosis), ct (findings on an axial slice
   -> diagnosis).
-- The backbone is the frozen CLIP (features cached once); CUDA when available.
+- The backbone is the frozen CLIP (features cached once), or, for a model made with
+  `finetune_backbone=True`, its own copy trained with the rest at `backbone_lr` (pixels cached, the
+  features recomputed every step); CUDA with bf16 autocast when available.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from clinlens.models.csr import CSRModel
 
 CSR_FAMILIES = {"derm": (DERM_CONCEPTS, DERM_DIAGNOSES), "chest": (CHEST_FINDINGS, CHEST_DIAGNOSES),
                 "ct": (CT_FINDINGS, CT_DIAGNOSES)}
-DEFAULTS = dict(steps=300, batch=32, lr=3e-3, n_images=240)
+DEFAULTS = dict(steps=300, batch=32, lr=3e-3, n_images=240, backbone_lr=1e-4)
 
 
 def csr_file(model_dir, family: str) -> Path:
@@ -71,6 +73,13 @@ def pixel_batches(bundle, items, chunk: int = 32):
         yield [it[0] for it in part], torch.cat([bundle.pixel_values(it[1]) for it in part])
 
 
+def encode(model: CSRModel, pixels: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Patch features (N, D, h, w) on the CPU of normalised pixels (N, 3, S, S), in chunks, without gradients."""
+    with torch.no_grad():
+        return torch.cat([model.features(pixels[i:i + chunk].to(model.device)).cpu()
+                          for i in range(0, len(pixels), chunk)])
+
+
 def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
     """Cached features, concept labels, class labels (-1 = none), drawn-region masks at the model input."""
     K, S = len(model.concepts), model.image_size
@@ -98,28 +107,41 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr: float, seed: int = 0, prune=(),
-            progress: bool = False, fire=None) -> tuple[list[dict], float | None, list[int]]:
+            progress: bool = False, fire=None, pixels: torch.Tensor | None = None,
+            backbone_lr: float = DEFAULTS["backbone_lr"]) -> tuple[list[dict], float | None, list[int]]:
     """Stages 1-3 by gradient on cached features (Adam, cosine schedule, bf16 autocast on CUDA; class
     labels -1 = unknown), then any pruning, then stage 4 (the task head) refitted to convergence. `fire` = (indices of the
     images with the region, their region masks, share): the prototypes firing on the region in more
     than that share of them are pruned too. Returns (loss history, refit accuracy or None when no image
-    has a class, the prototype ids pruned for firing on the region)."""
+    has a class, the prototype ids pruned for firing on the region).
+
+    A model with its own backbone (`finetune_backbone`) needs `pixels` (N, 3, S, S): each step encodes
+    its batch and the backbone trains at `backbone_lr`; `feats` is not used, the scores after
+    training come from features encoded anew."""
     from tqdm.auto import tqdm
 
+    tune = bool(model.config["finetune_backbone"])
+    if tune and pixels is None:
+        raise ValueError("a CSR model with its own backbone trains on pixels, not cached features")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    own = {id(p) for p in model.backbone.parameters()} if tune else set()
+    head = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    groups = [{"params": head, "lr": lr}]
+    if tune:
+        groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": backbone_lr})
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     g = torch.Generator().manual_seed(seed)
     hist = []
     bar = tqdm(range(steps), desc="train-concepts", disable=not progress, mininterval=5)
+    n = len(pixels) if tune else len(feats)
     for _ in bar:
-        idx = torch.randint(len(feats), (min(batch, len(feats)),), generator=g)
+        idx = torch.randint(n, (min(batch, n),), generator=g)
         c = cls[idx]
         r = regions[idx]
+        x = {"pixel_values": pixels[idx].to(model.device)} if tune else {"features": feats[idx]}
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-            out = model.losses(y[idx], c if (c >= 0).all() else None, features=feats[idx],
-                               region_masks=r if r.any() else None)
+            out = model.losses(y[idx], c if (c >= 0).all() else None, region_masks=r if r.any() else None, **x)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
         opt.step()
@@ -127,6 +149,8 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
         hist.append({k: float(v.detach()) for k, v in out.items()})
         bar.set_postfix(loss=f"{hist[-1]['total']:.3f}")
     model.eval()
+    if tune:
+        feats = encode(model, pixels)
     with torch.no_grad():
         scores = model.scores_from_maps(model.similarity_maps(feats.to(model.device))).cpu()
     fired = []
@@ -150,13 +174,16 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
 def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
               lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
               extra: dict | None = None, prune_firing_on: str | None = None, fire_share: float = 0.5,
-              region_weight: float | None = None, **cfg) -> dict:
+              region_weight: float | None = None, finetune_backbone: bool | None = None,
+              backbone_lr: float = DEFAULTS["backbone_lr"], **cfg) -> dict:
     """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`.
 
     `prune_firing_on`: the name of drawn regions (an item's drawn dict, e.g. "text marker") on which
     prototypes must not fire: those peaking on it in more than `fire_share` of the images that have it
     are pruned (firing-map pruning). `region_weight` (None: the model's own) weights the drawn regions'
-    patch supervision (`CSRModel.region_loss`), also when continuing from `init`."""
+    patch supervision (`CSRModel.region_loss`), also when continuing from `init`. `finetune_backbone`:
+    None keeps the model's own choice (a fresh model: frozen); True trains the model's own copy of the
+    vision tower at `backbone_lr` (a frozen `init` gets one); False refuses an `init` that has one."""
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -164,11 +191,20 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
         raise ValueError("no training items")
     if prune_firing_on and not 0.0 <= float(fire_share) < 1.0:
         raise ValueError(f"fire_share must be in [0, 1), got {fire_share}")
+    if not 0.0 <= float(backbone_lr) <= 1.0:
+        raise ValueError(f"backbone_lr must be in [0, 1], got {backbone_lr}")
     model = (CSRModel.load(bundle, init) if init else CSRModel.from_bundle(bundle, concepts, classes, **cfg))
+    if finetune_backbone:
+        model.own_backbone()
+    elif finetune_backbone is not None and model.config["finetune_backbone"]:
+        raise ValueError(f"{init} has its own fine-tuned backbone; it cannot be trained frozen "
+                         "(train a fresh model instead)")
     if region_weight is not None:
         model.config["region_weight"] = float(region_weight)
     model.train()
     feats, y, cls, regions = _tensors(bundle, model, items)
+    tune = bool(model.config["finetune_backbone"])
+    pixels = torch.cat([pv for _, pv in pixel_batches(bundle, items)]) if tune else None
     drawn = int((regions.flatten(2).amax(-1) > 0).sum())
     log(f"CSR: {len(items)} images, {len(model.concepts)} concepts, {len(model.classes)} classes, "
         f"{drawn} drawn regions, features {time.time() - t0:.1f}s")
@@ -180,7 +216,10 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
             raise ValueError(f"no image has a drawn region named {prune_firing_on!r} to find the prototypes firing on it")
         fire = (idx, [items[i][4][prune_firing_on] for i in idx], fire_share)
         log(f"CSR: pruning prototypes that fire on {prune_firing_on!r} in more than {fire_share:.0%} of {len(idx)} images")
-    hist, refit_acc, fired = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress, fire)
+    hist, refit_acc, fired = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress, fire,
+                                     pixels=pixels, backbone_lr=backbone_lr)
+    if tune:
+        feats = encode(model, pixels)
     labelled = cls >= 0
     with torch.no_grad():
         out = model(features=feats.to(model.device))
@@ -189,6 +228,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     ids = [it[0] for it in items]
     model.build_atlas([(ids[i:i + 32], feats[i:i + 32], y[i:i + 32]) for i in range(0, len(ids), 32)], features=True)
     summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
+               **({"backbone_lr": backbone_lr} if tune else {}),
                "drawn_regions": drawn, "region_weight": model.config["region_weight"],
                "pruned": sorted(set(int(i) for i in prune) | set(fired)),
                "firing_on": ({"region": prune_firing_on, "share": fire_share, "images": len(fire[0]), "pruned": fired}

@@ -16,6 +16,8 @@ train-time atlas pruning. `prune_firing_on` (a segment name such as "text marker
 images where an artefact sits) prunes the prototypes that fire on it in more than `fire_share` of
 those images (firing-map pruning, `CSRModel.prototypes_firing_on`). `region_weight` reweights the drawn
 regions' patch supervision (`CSRModel.region_loss`; empty keeps the model's own, 1 when shipped).
+`backbone`: "keep" trains the model as it is (the shipped ones on the frozen CLIP); "fine-tune" gives it
+its own copy of the CLIP vision tower, trained at `backbone_lr` and saved with it from then on.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from clinlens.activelearning.feedback import FEEDBACK_KEY, canonical_name, pruned_by_family
-from clinlens.data.conventions import number_option
+from clinlens.data.conventions import choice_option, number_option
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import family_of
-from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, train_csr
+from clinlens.trainers.concepts import CSR_FAMILIES, DEFAULTS, csr_file, train_csr
 from clinlens.trainers.prompt_learning import prompt_file, train_prompt_learner
 from clinlens.trainers.region_task import label_names
 from clinlens.trainers.task import StatsTrainTask
@@ -87,6 +89,9 @@ def stored_pruning(datastore, csr) -> dict[str, list[int]]:
     return out
 
 
+BACKBONE_CHOICES = ("keep", "fine-tune")
+
+
 class ConceptsTrain(StatsTrainTask):
     def __init__(self, csr, labels: dict, prompts=None,
                  description="Train the concept (CSR) models and the prompt learners from feedback"):
@@ -97,7 +102,7 @@ class ConceptsTrain(StatsTrainTask):
 
     def config(self):
         return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}, "prune_firing_on": "", "fire_share": 0.5,
-                "region_weight": ""}
+                "region_weight": "", "backbone": list(BACKBONE_CHOICES), "backbone_lr": DEFAULTS["backbone_lr"]}
 
     def __call__(self, request, datastore):
         conf = self.options(request)
@@ -108,6 +113,8 @@ class ConceptsTrain(StatsTrainTask):
         raw = conf.get("region_weight")
         keep = raw is None or str(raw).strip() == ""
         region_weight = None if keep else number_option(conf, "region_weight", None, float, 0, 100)
+        tune = choice_option(conf, "backbone", BACKBONE_CHOICES[0], BACKBONE_CHOICES) == "fine-tune"
+        backbone_lr = number_option(conf, "backbone_lr", DEFAULTS["backbone_lr"], float, 0, 1)
         per_family = datastore_items(datastore, self.labels, firing_on)
         if firing_on and not any(firing_on in it[4] for items in per_family.values() for it in items):
             raise ValueError(f"prune_firing_on: no final label has a segment named {firing_on!r}; draw it on the "
@@ -130,7 +137,8 @@ class ConceptsTrain(StatsTrainTask):
                                        prune=prune.get(fam, []),
                                        prune_firing_on=firing_on if any(firing_on in it[4] for it in items) else None,
                                        fire_share=fire_share,
-                                       region_weight=region_weight,
+                                       region_weight=region_weight, finetune_backbone=True if tune else None,
+                                       backbone_lr=backbone_lr,
                                        extra={"source": "datastore", "family": fam})
             if self.prompts is not None and any(it[3] in classes for it in items):
                 pinit = self.prompts.path(fam)
