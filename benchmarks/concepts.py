@@ -30,7 +30,7 @@ from common import RESULTS, header, write_results  # noqa: E402
 from clinlens.data.phantoms import make_chest, make_derm, mask_box  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
 from clinlens.models.csr import CSRModel  # noqa: E402
-from clinlens.trainers.concepts import CSR_FAMILIES, _tensors, csr_file, phantom_concept_items, train_csr  # noqa: E402
+from clinlens.trainers.concepts import SHIPPED, CSR_FAMILIES, _tensors, csr_file, phantom_concept_items, train_csr  # noqa: E402
 
 MAKERS = {"derm": make_derm, "chest": make_chest}
 
@@ -110,9 +110,12 @@ def probe_pointing(model: CSRModel, ftr, rtr, fte, items, size: int) -> float:
 def prune_ids(model: CSRModel, size: int) -> list[int]:
     """Prototypes whose atlas patch misses their concept's mask (a concept keeps its best prototype)."""
     bad, by_concept = [], {}
+    f = size / model.image_size  # atlas boxes are on the model input
     for e in model.atlas:
         masks = masks_of(e["image_id"], size)
-        ok = e["concept"] in masks and hits(e["box"], masks[e["concept"]])
+        x0, y0, x1, y1 = e["box"]
+        box = (int(x0 * f), int(y0 * f), int(np.ceil(x1 * f)), int(np.ceil(y1 * f)))
+        ok = e["concept"] in masks and hits(box, masks[e["concept"]])
         by_concept.setdefault(e["concept"], []).append((ok, e["similarity"], e["prototype_id"]))
     for concept, entries in by_concept.items():
         if not any(ok for ok, _, _ in entries):
@@ -179,7 +182,8 @@ def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, drawn_sha
         for share in drawn_shares:
             items = with_drawn(train, share)
             path = Path(tmp) / f"csr_{fam}_{share}.safetensors"
-            summ = train_csr(bundle, items, path, concepts, classes, progress=False, log=lambda *_: None)
+            summ = train_csr(bundle, items, path, concepts, classes, progress=False, log=lambda *_: None,
+                             **SHIPPED.get(fam, {}))
             r = evaluate(CSRModel.load(bundle, path), ftr, ytr, fte, yte, test, size)
             r["drawn_regions"] = summ["drawn_regions"]
             row["drawn"][str(share)] = r
@@ -211,6 +215,10 @@ def main(argv=None):
              f"- model: `{bundle.path}` (shipped `csr_<family>.safetensors`, trained by `clinlens train-default "
              f"--concepts-only` on {a.n_train} phantoms, seed 0, with their concept masks as drawn regions); held-out: "
              f"{a.n_test} phantoms of other seeds, {a.size} px.",
+             "- model input per family (`SHIPPED` in clinlens/trainers/concepts.py, chosen on validation phantoms): "
+             + ", ".join(f"{f} {SHIPPED.get(f, {}).get('input_size', 224)} px" for f in ("derm", "chest"))
+             + " (16 px patches; a larger input interpolates the CLIP's position embeddings). Every feature below "
+             "(CSR, baselines, probe) is the CLIP's at the family's input.",
              "- baselines on the same frozen CLIP patch features: linear probe = logistic regression on the "
              "mean-pooled patch features; concept bottleneck = logistic regression on CSR's stage-1 concept "
              "probabilities.",

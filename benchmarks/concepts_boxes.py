@@ -94,8 +94,10 @@ def run_family(bundle, fam: str, a) -> dict:
              for s in samples]
     feats, _, y, _ = _tensors(bundle, model, items)
     y = y.numpy()
-    pos = [positive_boxes(fam, s) for s in samples]
-    neg = [negative_boxes(fam, s) for s in samples]
+    f = model.image_size / a.size  # boxes go to the model on its input
+    on_input = lambda boxes: [[v * f for v in b] for b in boxes]  # noqa: E731
+    pos = [on_input(positive_boxes(fam, s)) for s in samples]
+    neg = [on_input(negative_boxes(fam, s)) for s in samples]
     prob0 = predict(model, feats)
     top2 = prob0.topk(2, -1).values
     amb = ((top2[:, 0] - top2[:, 1]) < a.margin).numpy()

@@ -33,6 +33,8 @@ for mode in ("prototype", "concept"):
         SETTINGS[f"{mode}, weight {w:g}"] = dict(region_weight=w, region_mode=mode)
 for blr in (3e-5, 1e-4, 3e-4, 1e-3):
     SETTINGS[f"fine-tuned backbone, lr {blr:.0e}"] = dict(finetune_backbone=True, backbone_lr=blr)
+for size in (448, 672):
+    SETTINGS[f"input {size} px ({size // 16}x{size // 16} patches)"] = dict(input_size=size)
 
 
 def main(argv=None):
@@ -75,7 +77,7 @@ def main(argv=None):
                     r = {k: x for k, x in r.items() if not k.startswith("per_concept")}
                     rows.append({"family": fam, "setting": name, "base": b, "train_seconds": seconds, **r})
                     print(fam, name, b, {k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()}, flush=True)
-    lines = [header("CSR region loss: validation phantoms"),
+    lines = [header("CSR region loss, backbone and input size: validation phantoms"),
              f"- CSR trained as `clinlens train-default --concepts-only` ({a.n_train} seed-0 phantoms with concept masks "
              f"drawn), per setting; evaluated on {a.n_val} validation phantoms per seed base {a.bases} (held-out "
              "benchmark: base 9). Pointing as in benchmarks/concepts.py (mask: the peak patch touches the mask; box: "

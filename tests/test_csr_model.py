@@ -545,3 +545,30 @@ def test_train_csr_fine_tunes_its_own_backbone(bundle, tmp_path):
     with pytest.raises(ValueError, match="trains on pixels"):
         fit_csr(m, None, torch.zeros(2, len(CHEST_FINDINGS)), torch.zeros(2, dtype=torch.long),
                 torch.zeros(2, len(CHEST_FINDINGS), 224, 224), steps=1, batch=2, lr=1e-3)
+
+
+def test_input_size_gives_a_finer_patch_grid(bundle, derm, tmp_path):
+    """`input_size` runs the ViT at another input (interpolated position embeddings): 448 px -> 28x28
+    patches; pixels at another size are resized to it; boxes and the atlas live on that input."""
+    pv = derm[0][:2]
+    m = _model(bundle, input_size=448)
+    assert m.image_size == 448 and m.grid == (28, 28) and m.config["input_size"] == 448
+    big = bundle.pixel_values(make_derm(0, size=96).image.astype(np.float32) / 255, 448)
+    assert big.shape[-2:] == (448, 448)
+    with torch.no_grad():
+        f = m.features(pv)
+        assert f.shape == (2, 128, 28, 28)
+        assert torch.allclose(f[:1], m.features(F.interpolate(pv[:1], size=(448, 448), mode="bilinear",
+                                                                align_corners=False)), atol=1e-5)
+        assert not torch.allclose(f.mean((2, 3)), _model(bundle).features(pv).mean((2, 3)), atol=1e-3)
+        out = m(pv, pos_boxes=[[0, 0, 224, 224]], alpha=0.0)
+    assert out["sim_maps"].shape[-2:] == (28, 28)
+    assert out["importance"][0, 0, :14, :14].eq(1).all() and out["importance"][0, 0, 14:].eq(0).all()
+    m.build_atlas([(["a", "b"], pv)])
+    assert all(0 <= v <= 448 and v % 16 == 0 for e in m.atlas for v in e["box"])
+    back = CSRModel.load(bundle, m.save(tmp_path / "big.safetensors"))
+    assert back.image_size == 448 and back.grid == (28, 28)
+    with torch.no_grad():
+        assert torch.equal(back(pv)["logits"], m(pv)["logits"])
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        _model(bundle, input_size=450)

@@ -86,7 +86,7 @@ class ConceptAmbiguityScoring(_Scoring):
 
     def score(self, image_id, family, plane):
         model = self.csr.get(family)
-        probs = model(self.csr.clip.get().pixel_values(plane))["logits"].softmax(-1).cpu().numpy()
+        probs = model(self.csr.clip.get().pixel_values(plane, model.image_size))["logits"].softmax(-1).cpu().numpy()
         return {IMAGE_KEYS["margin"]: round(float(concept_margin(probs)[0]), 5),
                 IMAGE_KEYS["entropy"]: round(float(predictive_entropy(probs)[0]), 5)}
 

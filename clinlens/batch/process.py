@@ -309,7 +309,7 @@ def run_classify(models: Models, vol: np.ndarray, family: str, batch: int = 8) -
     with torch.no_grad():
         for z0 in range(0, vol.shape[0], batch):
             planes = np.stack([to_unit_rgb(vol[z]) for z in range(z0, min(vol.shape[0], z0 + batch))])
-            out = model(bundle.pixel_values(planes))
+            out = model(bundle.pixel_values(planes, model.image_size))
             probs.append(out["logits"].softmax(-1).float().cpu().numpy())
             cscores.append(out["concept_scores"].float().cpu().numpy())
     probs, cscores = np.concatenate(probs), np.concatenate(cscores)

@@ -113,7 +113,7 @@ class _ConceptTask(ClinlensInfer):
         pos, neg = _boxes(request, plane.shape[:2], model.image_size, p.roi)
         bundle = self.csr.clip.get()
         with torch.no_grad():
-            out = model(bundle.pixel_values(to_unit_rgb(plane)), pos_boxes=pos or None, neg_boxes=neg or None,
+            out = model(bundle.pixel_values(to_unit_rgb(plane), model.image_size), pos_boxes=pos or None, neg_boxes=neg or None,
                         alpha=alpha, reject_concepts=reject or None)
         return plane, p.slice, model, out
 

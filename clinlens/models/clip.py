@@ -91,14 +91,15 @@ class ClipBundle:
     def image_size(self) -> int:
         return self.preprocess.image_size
 
-    def pixel_values(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) or (B, 3, H, W) floats in [0, 1] -> normalised (B, 3, S, S) on the model's device."""
+    def pixel_values(self, images: np.ndarray | torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """(B, H, W, 3) or (B, 3, H, W) floats in [0, 1] -> normalised (B, 3, S, S) on the model's device;
+        S = `size`, default the CLIP's input size."""
         x = torch.as_tensor(images, dtype=torch.float32)
         if x.ndim == 3:
             x = x[None]
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
-        s = self.image_size
+        s = int(size or self.image_size)
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         mean = torch.tensor(self.preprocess.mean).view(1, 3, 1, 1)

@@ -4,6 +4,8 @@ A plain `torch.nn.Module` on a Hugging Face `CLIPModel`; nothing here knows MONA
 
 - **Features.** `f = post_LN(ViT patch tokens)`, (B, D, h, w) (`patch_features`); the vision tower
   is frozen (run under `no_grad`, not saved) unless `finetune_backbone=True` (an own, saved copy).
+  `input_size` S (default the CLIP's, 224) sets the model input: a larger S interpolates the position
+  embeddings for a finer patch grid (448 -> 28x28; the shipped chest model, whose findings are small).
 - **Stage 1.** A 1x1 concept head gives the CAMs `cam_k = w_k · f + b_k`; concept logits are their
   max (or avg) pool, trained with multi-label BCE.
 - **Stage 2.** Local concept vectors `v_k = Σ_hw softmax_hw(cam_k) · f(h,w)`. A drawn region for a
@@ -88,8 +90,10 @@ def csr_path(clip_dir) -> Path:
 
 
 def patch_features(vision_model, pixel_values: torch.Tensor, post_ln: bool = True) -> torch.Tensor:
-    """(B, 3, S, S) normalised pixels -> (B, D, h, w) patch tokens of the last ViT layer (post-LN'd)."""
-    tok = vision_model(pixel_values=pixel_values).last_hidden_state[:, 1:]
+    """(B, 3, S, S) normalised pixels -> (B, D, h, w) patch tokens of the last ViT layer (post-LN'd); an S
+    other than the CLIP's own interpolates its position embeddings (a finer patch grid at a larger S)."""
+    other = tuple(pixel_values.shape[-2:]) != (vision_model.config.image_size,) * 2
+    tok = vision_model(pixel_values=pixel_values, interpolate_pos_encoding=other).last_hidden_state[:, 1:]
     if post_ln:
         tok = vision_model.post_layernorm(tok)
     b, n, d = tok.shape
@@ -177,7 +181,8 @@ class CSRModel(nn.Module):
                  alpha: float = 0.2, finetune_backbone: bool = False, post_ln: bool = True,
                  proto_init_noise: float = 0.5, head_init: str = "text", detach_stages: bool = True,
                  descriptions: Sequence[str | None] | None = None, box_recentre: bool = True,
-                 region_weight: float = 1.0, region_temperature: float = 0.1, region_mode: str = "prototype"):
+                 region_weight: float = 1.0, region_temperature: float = 0.1, region_mode: str = "prototype",
+                 input_size: int | None = None):
         super().__init__()
         if cam_pool not in ("max", "avg"):
             raise ValueError(f"cam_pool must be 'max' or 'avg', got {cam_pool!r}")
@@ -197,15 +202,17 @@ class CSRModel(nn.Module):
         self.descriptions = list(descriptions or [None] * len(self.concepts))
         K, D = len(self.concepts), vc.hidden_size
         E = clip_model.visual_projection.out_features
-        self.image_size = vc.image_size
-        g = vc.image_size // vc.patch_size
+        self.image_size = int(input_size or vc.image_size)
+        if self.image_size % vc.patch_size or self.image_size < vc.patch_size:
+            raise ValueError(f"input_size must be a multiple of the patch size {vc.patch_size}, got {input_size}")
+        g = self.image_size // vc.patch_size
         self.grid = (g, g)
         self.config = dict(n_prototypes=n_prototypes, proj_hidden=proj_hidden, lam=lam, gamma=gamma, delta=delta,
                            margin_sign=float(margin_sign), text_reg=text_reg, cam_pool=cam_pool, alpha=alpha,
                            finetune_backbone=finetune_backbone, post_ln=post_ln, proto_init_noise=proto_init_noise,
                            head_init=head_init, detach_stages=detach_stages, box_recentre=bool(box_recentre),
                            region_weight=float(region_weight), region_temperature=float(region_temperature),
-                           region_mode=region_mode)
+                           region_mode=region_mode, input_size=self.image_size)
         anchors = F.normalize(torch.as_tensor(text_anchors, dtype=torch.float32).reshape(K, E), dim=-1)
         self.register_buffer("text_anchors", anchors.clone())
         # projector: CLIP's visual projection (trainable copy) + a zero-initialised MLP residual
@@ -282,8 +289,11 @@ class CSRModel(nn.Module):
 
     # ------------------------------------------------------------------ features and stage 1
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, D, h, w); frozen backbones run without gradients."""
+        """(B, 3, S', S') normalised pixels -> (B, D, h, w) at the model input S (resized when S' differs);
+        frozen backbones run without gradients."""
         post_ln = self.config["post_ln"]
+        if tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
+            pixel_values = F.interpolate(pixel_values, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
         if self.config["finetune_backbone"]:
             return patch_features(self.backbone, pixel_values, post_ln)
         with torch.no_grad():

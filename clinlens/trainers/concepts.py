@@ -29,6 +29,9 @@ from clinlens.models.csr import CSRModel
 CSR_FAMILIES = {"derm": (DERM_CONCEPTS, DERM_DIAGNOSES), "chest": (CHEST_FINDINGS, CHEST_DIAGNOSES),
                 "ct": (CT_FINDINGS, CT_DIAGNOSES)}
 DEFAULTS = dict(steps=300, batch=32, lr=3e-3, n_images=240, backbone_lr=1e-4)
+# per-family settings of the shipped models, chosen on validation phantoms (benchmarks/results/concepts_backbone.md):
+# chest findings are small (a nodule is ~0.1% of the image), and a 28x28 patch grid points at them better
+SHIPPED = {"chest": dict(input_size=448)}
 
 
 def csr_file(model_dir, family: str) -> Path:
@@ -66,11 +69,12 @@ def phantom_concept_items(family: str, seed: int, n: int, size: int = 224, drawn
     return items
 
 
-def pixel_batches(bundle, items, chunk: int = 32):
-    """(image ids, normalised pixels (B, 3, S, S)) per chunk of items; any image size (pixel_values resizes)."""
+def pixel_batches(bundle, items, chunk: int = 32, size: int | None = None):
+    """(image ids, normalised pixels (B, 3, S, S)) per chunk of items; any image size (pixel_values resizes
+    to `size`, default the CLIP's input size)."""
     for i in range(0, len(items), chunk):
         part = items[i:i + chunk]
-        yield [it[0] for it in part], torch.cat([bundle.pixel_values(it[1]) for it in part])
+        yield [it[0] for it in part], torch.cat([bundle.pixel_values(it[1], size) for it in part])
 
 
 def encode(model: CSRModel, pixels: torch.Tensor, chunk: int = 32) -> torch.Tensor:
@@ -85,7 +89,7 @@ def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
     K, S = len(model.concepts), model.image_size
     feats, y, cls, regions = [], [], [], []
     with torch.no_grad():
-        feats = [model.features(pv).cpu() for _, pv in pixel_batches(bundle, items, chunk)]
+        feats = [model.features(pv).cpu() for _, pv in pixel_batches(bundle, items, chunk, model.image_size)]
     for _, _, concepts, label, drawn in items:
         y.append([float(concepts.get(c, 0)) for c in model.concepts])
         cls.append(model.classes.index(label) if label in model.classes else -1)
@@ -204,7 +208,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     model.train()
     feats, y, cls, regions = _tensors(bundle, model, items)
     tune = bool(model.config["finetune_backbone"])
-    pixels = torch.cat([pv for _, pv in pixel_batches(bundle, items)]) if tune else None
+    pixels = torch.cat([pv for _, pv in pixel_batches(bundle, items, size=model.image_size)]) if tune else None
     drawn = int((regions.flatten(2).amax(-1) > 0).sum())
     log(f"CSR: {len(items)} images, {len(model.concepts)} concepts, {len(model.classes)} classes, "
         f"{drawn} drawn regions, features {time.time() - t0:.1f}s")
@@ -261,7 +265,7 @@ def train_concept_models_default(out_dir, families=tuple(CSR_FAMILIES), seed: in
         items = phantom_concept_items(fam, seed, n_images, drawn=True)
         extra = {"command": "clinlens train-default --concepts-only", "family": fam}
         out[fam] = train_csr(bundle, items, csr_file(out_dir, fam), concepts, classes, steps=steps, seed=seed,
-                             progress=progress, log=log, extra=extra)
+                             progress=progress, log=log, extra=extra, **SHIPPED.get(fam, {}))
         out[f"{fam}_prompts"] = train_prompt_learner(
             bundle, items, prompt_file(out_dir, fam), concepts, classes, seed=seed, progress=progress, log=log,
             steps=PROMPT_DEFAULTS["steps"] if prompt_steps is None else prompt_steps, extra=extra)
