@@ -155,3 +155,24 @@ def test_concept_and_prompt_training_on_cuda(tiny, tmp_path):
         pa = ClinCoCoOp.load(cpu, tmp_path / "prompt.safetensors")(pv)["logits"]
         pb = ClinCoCoOp.load(gpu, tmp_path / "prompt.safetensors")(pv.cuda())["logits"]
     torch.testing.assert_close(pb.cpu(), pa, atol=2e-3, rtol=2e-3)
+
+
+def test_fine_tuned_csr_at_a_larger_input_on_cuda(tiny, tmp_path):
+    """CSR with its own backbone on a 2x input trains on CUDA (bf16 autocast) and loads and agrees on CPU."""
+    from clinlens.data.phantoms import DERM_CONCEPTS, DERM_DIAGNOSES
+    from clinlens.models.clip import load_clip
+    from clinlens.models.csr import CSRModel
+    from clinlens.trainers.concepts import train_csr
+
+    gpu = load_clip(tiny, device="cuda")
+    S = 2 * gpu.image_size
+    items = _derm_items(16)
+    s = train_csr(gpu, items, tmp_path / "csr.safetensors", DERM_CONCEPTS, DERM_DIAGNOSES, steps=10, batch=4,
+                  finetune_backbone=True, input_size=S, progress=False, log=lambda *_: None)
+    assert s["device"].startswith("cuda") and s["backbone_lr"] > 0 and np.isfinite(s["final_loss"])
+    cpu = load_clip(tiny, device="cpu")
+    a, b = CSRModel.load(cpu, tmp_path / "csr.safetensors"), CSRModel.load(gpu, tmp_path / "csr.safetensors")
+    assert a.image_size == S and a.config["finetune_backbone"]
+    pv = cpu.pixel_values(np.stack([it[1] for it in items[:4]]), S)
+    with torch.no_grad():
+        torch.testing.assert_close(b(pv.cuda())["logits"].cpu(), a(pv)["logits"], atol=2e-3, rtol=2e-3)
