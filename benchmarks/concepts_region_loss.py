@@ -56,7 +56,7 @@ def main(argv=None):
             concepts, classes = CSR_FAMILIES[fam]
             train = phantom_concept_items(fam, 0, a.n_train, drawn=True)
             val = {b: phantom_concept_items(fam, b, a.n_val) for b in a.bases}
-            frozen = None  # the frozen CLIP's features serve every setting that keeps the backbone frozen
+            frozen = {}  # the frozen CLIP's features per input size serve every setting that keeps it frozen
             for name, cfg in SETTINGS.items():
                 if a.settings and name not in a.settings:
                     continue
@@ -64,12 +64,13 @@ def main(argv=None):
                 t1 = time.time()
                 train_csr(bundle, train, path, concepts, classes, progress=False, log=lambda *_: None, **cfg)
                 seconds = time.time() - t1
-                tuned = bool(cfg.get("finetune_backbone"))
-                cache = None if tuned else frozen
-                if cache is None:  # features of this model's backbone
-                    m = CSRModel.load(bundle, path)
+                m = CSRModel.load(bundle, path)
+                tuned = m.config["finetune_backbone"]
+                cache = None if tuned else frozen.get(m.image_size)
+                if cache is None:  # features of this model's backbone at its input
                     cache = {"train": _tensors(bundle, m, train), **{b: _tensors(bundle, m, v) for b, v in val.items()}}
-                    frozen = frozen if tuned else cache
+                    if not tuned:
+                        frozen[m.image_size] = cache
                 ftr, _, ytr, _ = cache["train"]
                 for b, v in val.items():
                     fte, _, yte, _ = cache[b]

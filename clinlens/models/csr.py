@@ -194,10 +194,7 @@ class CSRModel(nn.Module):
             raise ValueError(f"head_init must be 'text' or 'random', got {head_init!r}")
         object.__setattr__(self, "_clip", clip_model)  # the shared CLIP: not a submodule, not saved
         vm, vc = clip_model.vision_model, clip_model.config.vision_config
-        if finetune_backbone:
-            self.backbone = copy.deepcopy(vm)
-        else:
-            object.__setattr__(self, "backbone", vm)
+        object.__setattr__(self, "backbone", vm)  # frozen; `own_backbone` swaps in a trainable copy
         self.concepts, self.classes = list(concepts), list(classes)
         self.descriptions = list(descriptions or [None] * len(self.concepts))
         K, D = len(self.concepts), vc.hidden_size
@@ -209,7 +206,7 @@ class CSRModel(nn.Module):
         self.grid = (g, g)
         self.config = dict(n_prototypes=n_prototypes, proj_hidden=proj_hidden, lam=lam, gamma=gamma, delta=delta,
                            margin_sign=float(margin_sign), text_reg=text_reg, cam_pool=cam_pool, alpha=alpha,
-                           finetune_backbone=finetune_backbone, post_ln=post_ln, proto_init_noise=proto_init_noise,
+                           finetune_backbone=False, post_ln=post_ln, proto_init_noise=proto_init_noise,
                            head_init=head_init, detach_stages=detach_stages, box_recentre=bool(box_recentre),
                            region_weight=float(region_weight), region_temperature=float(region_temperature),
                            region_mode=region_mode, input_size=self.image_size)
@@ -234,6 +231,8 @@ class CSRModel(nn.Module):
         self.task_b = nn.Parameter(torch.zeros(len(self.classes)))
         nn.init.normal_(self.task_w, std=0.01)
         self.atlas: list[dict] = []
+        if finetune_backbone:
+            self.own_backbone()
         self.to(next(clip_model.parameters()).device)
 
     @classmethod
@@ -283,9 +282,9 @@ class CSRModel(nn.Module):
     def own_backbone(self) -> None:
         """Give a frozen-backbone model its own trainable copy of the CLIP vision tower (saved with it from
         now on, `finetune_backbone`); a model that has one keeps it."""
-        if not self.config["finetune_backbone"]:
+        if "backbone" not in self._modules:  # still the shared CLIP's tower (a plain attribute)
             self.backbone = copy.deepcopy(self._clip.vision_model).to(self.device)
-            self.config["finetune_backbone"] = True
+        self.config["finetune_backbone"] = True
 
     # ------------------------------------------------------------------ features and stage 1
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -86,10 +86,15 @@ def encode(model: CSRModel, pixels: torch.Tensor, chunk: int = 32) -> torch.Tens
 
 def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
     """Cached features, concept labels, class labels (-1 = none), drawn-region masks at the model input."""
-    K, S = len(model.concepts), model.image_size
-    feats, y, cls, regions = [], [], [], []
     with torch.no_grad():
         feats = [model.features(pv).cpu() for _, pv in pixel_batches(bundle, items, chunk, model.image_size)]
+    return (torch.cat(feats), *_targets(model, items))
+
+
+def _targets(model: CSRModel, items):
+    """Concept labels (N, K), class labels (N,) (-1 = none), drawn-region masks (N, K, S, S) at the model input."""
+    K, S = len(model.concepts), model.image_size
+    y, cls, regions = [], [], []
     for _, _, concepts, label, drawn in items:
         y.append([float(concepts.get(c, 0)) for c in model.concepts])
         cls.append(model.classes.index(label) if label in model.classes else -1)
@@ -99,7 +104,7 @@ def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
                 mt = torch.as_tensor(np.asarray(m, np.float32))[None, None]
                 r[model.concepts.index(name)] = F.interpolate(mt, size=(S, S), mode="area")[0, 0]
         regions.append(r)
-    return torch.cat(feats), torch.tensor(y), torch.tensor(cls), torch.stack(regions)
+    return torch.tensor(y), torch.tensor(cls), torch.stack(regions)
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -128,12 +133,9 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
     if tune and pixels is None:
         raise ValueError("a CSR model with its own backbone trains on pixels, not cached features")
     model.train()
-    own = {id(p) for p in model.backbone.parameters()} if tune else set()
-    head = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
-    groups = [{"params": head, "lr": lr}]
-    if tune:
-        groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": backbone_lr})
-    opt = torch.optim.Adam(groups)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a frozen tower is not among them
+    opt = torch.optim.Adam([{"params": [p for n, p in named if not n.startswith("backbone.")], "lr": lr},
+                            {"params": [p for n, p in named if n.startswith("backbone.")], "lr": backbone_lr}])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     g = torch.Generator().manual_seed(seed)
     hist = []
@@ -206,9 +208,12 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     if region_weight is not None:
         model.config["region_weight"] = float(region_weight)
     model.train()
-    feats, y, cls, regions = _tensors(bundle, model, items)
-    tune = bool(model.config["finetune_backbone"])
-    pixels = torch.cat([pv for _, pv in pixel_batches(bundle, items, size=model.image_size)]) if tune else None
+    if model.config["finetune_backbone"]:  # trains on pixels; features are encoded after training
+        pixels = torch.cat([pv for _, pv in pixel_batches(bundle, items, size=model.image_size)])
+        feats, (y, cls, regions) = None, _targets(model, items)
+    else:
+        pixels = None
+        feats, y, cls, regions = _tensors(bundle, model, items)
     drawn = int((regions.flatten(2).amax(-1) > 0).sum())
     log(f"CSR: {len(items)} images, {len(model.concepts)} concepts, {len(model.classes)} classes, "
         f"{drawn} drawn regions, features {time.time() - t0:.1f}s")
@@ -222,7 +227,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
         log(f"CSR: pruning prototypes that fire on {prune_firing_on!r} in more than {fire_share:.0%} of {len(idx)} images")
     hist, refit_acc, fired = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress, fire,
                                      pixels=pixels, backbone_lr=backbone_lr)
-    if tune:
+    if pixels is not None:
         feats = encode(model, pixels)
     labelled = cls >= 0
     with torch.no_grad():
@@ -232,7 +237,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     ids = [it[0] for it in items]
     model.build_atlas([(ids[i:i + 32], feats[i:i + 32], y[i:i + 32]) for i in range(0, len(ids), 32)], features=True)
     summary = {"images": len(items), "steps": steps, "batch": batch, "lr": lr, "seed": seed,
-               **({"backbone_lr": backbone_lr} if tune else {}),
+               **({"backbone_lr": backbone_lr} if pixels is not None else {}),
                "drawn_regions": drawn, "region_weight": model.config["region_weight"],
                "pruned": sorted(set(int(i) for i in prune) | set(fired)),
                "firing_on": ({"region": prune_firing_on, "share": fire_share, "images": len(fire[0]), "pruned": fired}
