@@ -4,8 +4,8 @@ boxes; macro-F1 / accuracy on those cases without and with boxes, and the cases 
 
 - Models: the shipped `csr_<family>.safetensors` (derm, chest) beside the default CLIP, trained by
   `clinlens train-default --concepts-only` on phantoms of seed base 0; held-out phantoms use seed base 9
-  (`phantom_concept_items(family, 9, n)`, as benchmarks/concepts.py), generated at the model input size so
-  that pixel boxes need no rescaling.
+  (`phantom_concept_items(family, 9, n)`, as benchmarks/concepts.py), generated at `--size` px; a model
+  with a larger input (the chest model) resizes them, and the boxes are scaled onto its input.
 - Boxes (pixels of the model input, `CSRModel.forward(pos_boxes=..., neg_boxes=...)`, importance map
   A = 1 inside positive boxes, 0 inside negative ones, alpha elsewhere; alpha = the model's, 0.2):
   *positive*: derm: the lesion mask's box; chest: one box per present finding's mask, and for a normal
@@ -164,7 +164,8 @@ def main(argv=None):
     lines = [header("CSR box interaction on ambiguous held-out cases"),
              f"- models: `{bundle.path}` shipped `csr_<family>.safetensors` (trained on phantoms of seed base 0, "
              "their concept masks as drawn regions); "
-             f"held-out: {a.n_test} phantoms per family (seed base {a.seed_base}), {a.size} px = model input.",
+             f"held-out: {a.n_test} phantoms per family (seed base {a.seed_base}), {a.size} px, resized to the model "
+             "input and the boxes scaled onto it (the input per family: `SHIPPED` in clinlens/trainers/concepts.py).",
              f"- ambiguous: top-2 class-probability margin < {a.margin} without boxes. Boxes re-weight every "
              "prototype similarity map by A (1 in positive boxes, 0 in negative boxes, alpha elsewhere; alpha = the "
              "model's, given per family) before the max, then the task head re-predicts: on the boxed scores "

@@ -6,7 +6,9 @@
 2. Predictor level: `RegionPredictor.predict` on a 512 px chest, trunk miss vs hit (crop, resize, paste).
 3. End to end: Slicer-shaped multipart POST /infer/region_seg to the real server (`clinlens.server.Server`
    over a `make_studies` folder, chest 512 px): p50/p95 over clicks at varied positions, trunk misses and
-   follow-up clicks separately; zero-shot infer p50 for context.
+   follow-up clicks separately; zero-shot and chest `concepts` infer p50 for context.
+4. Concept click: a CSR forward (`CSRModel`, chest concepts) at input 224, 448 and 672 px, the shipped
+   size marked (benchmarks/results/concepts_backbone.md chose it), and the ratio to 224 px.
 Writes benchmarks/results/latency.md and .json.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from clinlens.server import read_multipart, slicer_post  # noqa: E402  (requests
 from clinlens.data.image_io import load_image, to_unit_rgb  # noqa: E402
 from clinlens.data.studies import make_studies  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
+from clinlens.models.csr import CSRModel  # noqa: E402
 from clinlens.models.region_clip import RegionCLIP  # noqa: E402
 from clinlens.models.region_predictor import RegionPredictor  # noqa: E402
 from clinlens.server import Server  # noqa: E402
@@ -55,8 +58,27 @@ def pct(xs, q) -> float:
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
+def csr_rows(bundle, sizes, n: int, warmup: int) -> dict:
+    """Chest CSR forward (pixels -> class and concept scores) per input size, from one 512 px chest image."""
+    from clinlens.data.phantoms import make_chest
+    from clinlens.trainers.concepts import CSR_FAMILIES, SHIPPED
+
+    img = to_unit_rgb(make_chest(70_000_001, size=512).image)
+    shipped = SHIPPED.get("chest", {}).get("input_size", bundle.image_size)
+    out = {}
+    for s in sizes:
+        m = CSRModel.from_bundle(bundle, *CSR_FAMILIES["chest"], input_size=s).eval()
+        with torch.inference_mode():
+            out[s] = {"ms": median_ms(lambda: m(bundle.pixel_values(img, m.image_size)), n, warmup),
+                      "grid": list(m.grid), "shipped": s == shipped}
+    for r in out.values():
+        r["ratio"] = r["ms"] / out[sizes[0]]["ms"]
+    return out
+
+
 def http_rows(clip_dir, n_images: int, follow: int, n_zeroshot: int, threads: int, seed: int = 0) -> dict:
-    """Real server on a fresh studies folder: region_seg clicks (misses vs follow-ups) and zeroshot requests."""
+    """Real server on a fresh studies folder: region_seg clicks (misses vs follow-ups), zeroshot and concepts
+    requests."""
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         studies = Path(tmp) / "studies"
@@ -69,7 +91,8 @@ def http_rows(clip_dir, n_images: int, follow: int, n_zeroshot: int, threads: in
             H, W = load_image(studies / f"{ids[0]}.png").array.shape[:2]
             click = lambda img, p: slicer_post(f"{srv.url}/infer/region_seg?image={img}", p)  # noqa: E731
             for warm in (click(ids[0], {"foreground": [[W // 2, H // 2, 0]], "background": [], "label": "w"}),
-                         slicer_post(f"{srv.url}/infer/zeroshot?image={ids[0]}", {})):  # loads the models
+                         slicer_post(f"{srv.url}/infer/zeroshot?image={ids[0]}", {}),
+                         slicer_post(f"{srv.url}/infer/concepts?image={ids[0]}", {})):  # loads the models
                 warm.raise_for_status()
             rows = []  # (ms, server total_ms, cached)
             bar = tqdm(total=n_images * (1 + follow), desc="HTTP clicks")
@@ -93,12 +116,18 @@ def http_rows(clip_dir, n_images: int, follow: int, n_zeroshot: int, threads: in
                 t0 = time.perf_counter()
                 slicer_post(f"{srv.url}/infer/zeroshot?image={ids[1 + i % n_images]}", {}).raise_for_status()
                 zs.append(1e3 * (time.perf_counter() - t0))
+            cs = []
+            for i in tqdm(range(n_zeroshot), desc="HTTP concepts"):
+                t0 = time.perf_counter()
+                slicer_post(f"{srv.url}/infer/concepts?image={ids[1 + i % n_images]}", {}).raise_for_status()
+                cs.append(1e3 * (time.perf_counter() - t0))
     out = {}
     for name, sel in (("trunk miss", [r for r in rows if not r[2]]), ("follow-up (cached trunk)", [r for r in rows if r[2]]),
                       ("all clicks", rows)):
         out[name] = {"n": len(sel), "p50": pct([r[0] for r in sel], 50), "p95": pct([r[0] for r in sel], 95),
                      "server_p50": pct([r[1] for r in sel], 50)}
-    out["zeroshot"] = {"n": len(zs), "p50": pct(zs, 50), "p95": pct(zs, 95), "server_p50": float("nan")}
+    for name, xs in (("zeroshot", zs), ("concepts", cs)):
+        out[name] = {"n": len(xs), "p50": pct(xs, 50), "p95": pct(xs, 95), "server_p50": float("nan")}
     return out
 
 
@@ -126,7 +155,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=6, help="chest images for the HTTP clicks")
     ap.add_argument("--follow", type=int, default=6, help="follow-up clicks per image")
-    ap.add_argument("--zeroshot", type=int, default=12, help="zeroshot HTTP requests")
+    ap.add_argument("--zeroshot", type=int, default=12, help="zeroshot (and concepts) HTTP requests")
+    ap.add_argument("--csr-sizes", type=int, nargs="+", default=[224, 448, 672], help="CSR input sizes to time")
     ap.add_argument("--skip-vitb", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "latency"))
     a = ap.parse_args(argv)
@@ -141,6 +171,7 @@ def main(argv=None):
         models["ViT-B/16 (224 px, width 768, 12 layers, k=2)"] = model_rows(
             vb, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)), a.repeats, a.warmup)
     prow = predictor_rows(pred, a.repeats, a.warmup)
+    csr = csr_rows(bundle, a.csr_sizes, a.repeats, a.warmup)
     http = http_rows(a.model, a.images, a.follow, a.zeroshot, a.threads)
 
     lines = [header("Click latency: full forward vs cached trunk, and HTTP click -> mask"),
@@ -166,11 +197,24 @@ def main(argv=None):
               "PNG label); server = the predictor's `total_ms`.", "",
               "| request | n | p50 ms | p95 ms | server p50 ms |", "|---|---|---|---|---|"]
     for name, r in http.items():
-        lines.append(f"| {'zeroshot (context)' if name == 'zeroshot' else 'region_seg: ' + name} | {r['n']} | "
+        label = f"{name} (context)" if name in ("zeroshot", "concepts") else "region_seg: " + name
+        lines.append(f"| {label} | {r['n']} | "
                      f"{r['p50']:.1f} | {r['p95']:.1f} | {r['server_p50']:.1f} |")
     p50 = http["all clicks"]["p50"]
-    lines += ["", f"Target HTTP click p50 <= 100 ms: {p50:.1f} ms -> **{'met' if p50 <= 100 else 'missed'}**.", ""]
-    write_results(a.out, lines, {"models": models, "predictor": prow, "http": http})
+    lines += ["", f"Target HTTP click p50 <= 100 ms: {p50:.1f} ms -> **{'met' if p50 <= 100 else 'missed'}**.", "",
+              "## Concept click: CSR forward per input size", "",
+              f"`CSRModel` on the chest concepts ({a.repeats} repeats after {a.warmup} warmup, same torch threads): "
+              "pixels of a 512 px chest resized to the model input, CLIP patch features (position embeddings "
+              "interpolated above 224 px), concept head, prototypes, scores. Weights do not change the cost, so "
+              "untrained heads are timed; the shipped chest size is marked. The `concepts` HTTP row above is the "
+              "shipped model end to end.", "",
+              "| input px | patch grid | forward ms | × 224 px |", "|---|---|---|---|"]
+    for s, r in csr.items():
+        lines.append(f"| {s}{' (shipped)' if r['shipped'] else ''} | {r['grid'][0]}x{r['grid'][1]} | {r['ms']:.1f} | "
+                     f"{r['ratio']:.2f} |")
+    lines.append("")
+    write_results(a.out, lines, {"models": models, "predictor": prow, "http": http,
+                                 "csr": {str(k): v for k, v in csr.items()}})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ A plain `torch.nn.Module` on a Hugging Face `CLIPModel`; nothing here knows MONA
 - **Features.** `f = post_LN(ViT patch tokens)`, (B, D, h, w) (`patch_features`); the vision tower
   is frozen (run under `no_grad`, not saved) unless `finetune_backbone=True` (an own, saved copy).
   `input_size` S (default the CLIP's, 224) sets the model input: a larger S interpolates the position
-  embeddings for a finer patch grid (448 -> 28x28; the shipped chest model, whose findings are small).
+  embeddings for a finer patch grid (448 -> 28x28, 672 -> 42x42: the shipped chest model, whose findings
+  are small).
 - **Stage 1.** A 1x1 concept head gives the CAMs `cam_k = w_k · f + b_k`; concept logits are their
   max (or avg) pool, trained with multi-label BCE.
 - **Stage 2.** Local concept vectors `v_k = Σ_hw softmax_hw(cam_k) · f(h,w)`. A drawn region for a

@@ -30,8 +30,8 @@ CSR_FAMILIES = {"derm": (DERM_CONCEPTS, DERM_DIAGNOSES), "chest": (CHEST_FINDING
                 "ct": (CT_FINDINGS, CT_DIAGNOSES)}
 DEFAULTS = dict(steps=300, batch=32, lr=3e-3, n_images=240, backbone_lr=1e-4)
 # per-family settings of the shipped models, chosen on validation phantoms (benchmarks/results/concepts_backbone.md):
-# chest findings are small (a nodule is ~0.1% of the image), and a 28x28 patch grid points at them better
-SHIPPED = {"chest": dict(input_size=448)}
+# chest findings are small (a nodule is ~0.1% of the image), and a 42x42 patch grid (672 px) points at them better
+SHIPPED = {"chest": dict(input_size=672)}
 
 
 def csr_file(model_dir, family: str) -> Path:
