@@ -39,6 +39,10 @@ CONFIGS = {
     "no meta-net": dict(LOCAL_CE, conditional=False),
     "no local CE (app default)": dict(local_loss_weight=0.0),
     "no meta-net, no local CE": dict(conditional=False, local_loss_weight=0.0),
+    # the weight λ of the local term in the logits (default 0.01, XCoOp's scale): CT's class signal sits in its
+    # patch tokens, not in its image embedding (benchmarks/results/feature_signal.md)
+    "local weight 0.1": dict(local_loss_weight=0.0, local_weight=0.1),
+    "local weight 1": dict(local_loss_weight=0.0, local_weight=1.0),
 }
 
 
