@@ -219,6 +219,20 @@ def pm(m, s) -> str:
     return f"{m:.3f} ± {s:.3f}"
 
 
+def paired_ci(d) -> tuple[float, float, float]:
+    """Mean of paired differences and the t 95% interval of that mean (nan with one pair)."""
+    from scipy import stats
+
+    d = np.asarray(d, dtype=float)
+    h = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return float(d.mean()), float(d.mean() - h), float(d.mean() + h)
+
+
+def paired(d) -> str:
+    m, lo, hi = paired_ci(d)
+    return f"{m:+.3f} ± {np.std(d):.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def plot(rows, shots, path):
     import matplotlib
 
@@ -276,7 +290,7 @@ def report(rows, a, bundle, seconds, png: str) -> list[str]:
          "domain's own features (how much class signal the frozen image features keep).",
          f"- transfer domains: {SHIFT_TEXT} Models are those trained on the normal domain, not retrained.",
          "- accuracy = top-1 on the (class-imbalanced) test set, mean ± std over sampling seeds; bal = balanced "
-         "accuracy (mean per-class recall). Δ = ClinCoCoOp − CoOp, paired by sampling seed (mean ± std).",
+         "accuracy (mean per-class recall). Δ = ClinCoCoOp − CoOp, paired by sampling seed (mean ± std [t 95% interval of the mean]).",
          f"- total time {seconds / 60:.1f} min, {a.threads} torch thread(s).", "", f"![accuracy vs shots]({png})", ""]
     verdict_fs, verdict_tr = [], []
     for fam, row in rows.items():
@@ -291,10 +305,10 @@ def report(rows, a, bundle, seconds, png: str) -> list[str]:
             om, os_, ov = agg(runs, fam, "CoOp", k, "normal")
             d = np.subtract(cv, ov)
             cb, ob = agg(runs, fam, "ClinCoCoOp", k, "normal", "bal_acc"), agg(runs, fam, "CoOp", k, "normal", "bal_acc")
-            L.append(f"| {k} | {pm(cm, cs)} | {pm(om, os_)} | {d.mean():+.3f} ± {d.std():.3f} | {hp['acc']:.3f} | "
+            L.append(f"| {k} | {pm(cm, cs)} | {pm(om, os_)} | {paired(d)} | {hp['acc']:.3f} | "
                      f"{pm(*cb[:2])} | {pm(*ob[:2])} | {hp['bal_acc']:.3f} |")
             if k in (4, 16):
-                verdict_fs.append((fam, k, cm, om))
+                verdict_fs.append((fam, k, cm, om, d))
         L += ["", "| zero-shot / reference (acc; bal) | " + " | ".join(DOMAINS) + " |", "|---" * (len(DOMAINS) + 1) + "|"]
         L += [f"| {name} | " + " | ".join(f"{v[d]['acc']:.3f}; {v[d]['bal_acc']:.3f}" for d in DOMAINS) + " |"
               for name, v in fixed.items()]
@@ -313,7 +327,7 @@ def report(rows, a, bundle, seconds, png: str) -> list[str]:
             o = {d: agg(runs, fam, "CoOp", k, d) for d in DOMAINS}
             d = np.subtract(c["shifted"][2], o["shifted"][2])
             L.append(f"| {fam} | {k} | {pm(*c['normal'][:2])} | {pm(*c['shifted'][:2])} | {pm(*o['shifted'][:2])} | "
-                     f"{d.mean():+.3f} ± {d.std():.3f} | {hp['shifted']['acc']:.3f} | {pm(*c['severe'][:2])} | "
+                     f"{paired(d)} | {hp['shifted']['acc']:.3f} | {pm(*c['severe'][:2])} | "
                      f"{pm(*o['severe'][:2])} | {hp['severe']['acc']:.3f} |")
             verdict_tr.append((fam, k, c["shifted"][0], hp["shifted"]["acc"], o["shifted"][0]))
     L += ["", f"## α explanation (ClinCoCoOp, K = {kmax}, normal test set, α of the predicted class)", "",
@@ -334,12 +348,14 @@ def report(rows, a, bundle, seconds, png: str) -> list[str]:
         tops = "; ".join(f"{c}: {t or '(never predicted)'}" for c, t in al[0]["top_concept"].items()) if al else ""
         L.append(f"| {fam} | {f['norm_entropy']} | {f['top_alpha_present']} | {f['constant_present']} | "
                  f"{f['uniform_present']} | {np.mean([x['images_multi_concept'] for x in al]):.0f} | {tops} |")
-    fs_ok = all(c >= o for _, _, c, o in verdict_fs)
+    fs_ok = all(c >= o for _, _, c, o, _ in verdict_fs)
     tr_k = [v for v in verdict_tr if v[1] == kmax]
     tr_ok = all(c > h for _, _, c, h, _ in tr_k)
     L += ["", "## Targets", "",
           f"- ClinCoCoOp ≥ CoOp at 4 and 16 shots (mean accuracy, normal test set): **{'met' if fs_ok else 'missed'}** ("
-          + ", ".join(f"{f} K={k} {c:.3f} vs {o:.3f}{'' if c >= o else ' ✗'}" for f, k, c, o in verdict_fs) + ").",
+          + ", ".join(f"{f} K={k} {c:.3f} vs {o:.3f}{'' if c >= o else ' ✗'}" for f, k, c, o, _ in verdict_fs) + "). "
+          "Paired Δ and its t 95% interval per cell: " + ", ".join(f"{f} K={k} {paired(d)}" for f, k, _, _, d in verdict_fs)
+          + f"; interval wholly below 0 in {sum(paired_ci(d)[2] < 0 for *_, d in verdict_fs)} of {len(verdict_fs)} cells.",
           f"- ClinCoCoOp above hand prompts in transfer (K = {kmax} models, shifted domain t = {DOMAINS['shifted']}): "
           f"**{'met' if tr_ok else 'missed'}** ("
           + ", ".join(f"{f} {c:.3f} vs {h:.3f}{'' if c > h else ' ✗'}" for f, _, c, h, _ in tr_k) + "); all shots: "
