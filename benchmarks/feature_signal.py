@@ -84,14 +84,14 @@ def main(argv=None):
         y = torch.tensor([classes.index(it[3]) for it in items])
         counts = np.bincount(y.numpy(), minlength=len(classes))
         r = {"classes": classes, "n": len(items), "majority": metrics(torch.full_like(y, int(counts.argmax())), y, len(classes)),
-             "sizes": {}}
+             "sizes": {}, "encode_seconds": {}}
         for s in a.sizes:
             t1 = time.time()
             feats = pooled_features(bundle, items, s)
             r["sizes"][s] = {k: oracle_probe(v, y, len(classes)) for k, v in feats.items()}
-            r["sizes"][s]["encode seconds"] = round(time.time() - t1, 1)
-            print(f"[{fam}] {s} px: " + ", ".join(f"{k} {v['bal_acc']:.3f}" for k, v in r["sizes"][s].items()
-                                                  if isinstance(v, dict)), flush=True)
+            r["encode_seconds"][s] = round(time.time() - t1, 1)
+            print(f"[{fam}] {s} px: " + ", ".join(f"{k} {v['bal_acc']:.3f}" for k, v in r["sizes"][s].items()),
+                  flush=True)
         r["csr"] = csr_rows(bundle, fam, items, y, len(classes))
         rows[fam] = r
 
@@ -121,7 +121,7 @@ def main(argv=None):
                 L.append(f"| {k} ({c['size']} px) | {c[k]['acc']:.3f}; {c[k]['bal_acc']:.3f} |" + " |" * (len(a.sizes) - 1))
         L.append("")
     def best(r, sizes):
-        return max(v["bal_acc"] for s in sizes for v in r["sizes"][s].values() if isinstance(v, dict))
+        return max(v["bal_acc"] for s in sizes for v in r["sizes"][s].values())
 
     base, larger = a.sizes[0], a.sizes[1:]
     L += ["## Reading", "",
