@@ -140,17 +140,17 @@ def evaluate(model: CSRModel, ftr, ytr, fte, yte, test, size: int) -> dict:
     """F1 and pointing before and after atlas pruning (the model is pruned in place)."""
     row = {}
     with torch.no_grad():
-        row["csr_f1"] = macro_f1(yte, model(features=fte)["logits"].argmax(-1))
+        row["csr_f1"] = macro_f1(yte, model(features=fte)["logits"].argmax(-1).cpu())
     pg = pointing_game(model, fte, test, size)
     row.update(pointing_before=pg["mask"], pointing_box_before=pg["box"], pointing_n=pg["n"],
                per_concept_before=pg["per"])
     ids = prune_ids(model, size)
     kept = model.prune_prototypes(ids)
     with torch.no_grad():
-        scores = model.scores_from_maps(model.similarity_maps(ftr))
+        scores = model.scores_from_maps(model.similarity_maps(ftr.to(model.device))).cpu()
     model.refit_task_head(scores, ytr)
     with torch.no_grad():
-        row["csr_f1_pruned"] = macro_f1(yte, model(features=fte)["logits"].argmax(-1))
+        row["csr_f1_pruned"] = macro_f1(yte, model(features=fte)["logits"].argmax(-1).cpu())
     pg = pointing_game(model, fte, test, size)
     row.update(pointing_after=pg["mask"], pointing_box_after=pg["box"], per_concept_after=pg["per"])
     row["pruned"] = len(ids)

@@ -547,6 +547,48 @@ def test_train_csr_fine_tunes_its_own_backbone(bundle, tmp_path):
                 torch.zeros(2, len(CHEST_FINDINGS), 224, 224), steps=1, batch=2, lr=1e-3)
 
 
+def test_patch_features_match_the_hf_vision_forward(bundle):
+    """`patch_features` runs the tower block by block (so a model can cache its frozen trunk): the post-LN
+    patch tokens equal the Hugging Face forward's exactly, at the CLIP's input and at a larger one."""
+    vm = bundle.model.vision_model
+    for s in (224, 448):
+        pv = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(s))
+        with torch.no_grad():
+            ref = vm.post_layernorm(vm(pixel_values=pv, interpolate_pos_encoding=s != 224).last_hidden_state[:, 1:])
+            got = patch_features(vm, pv)
+        g = s // 16
+        assert got.shape == (2, 128, g, g)
+        assert torch.equal(got.flatten(2).transpose(1, 2), ref)
+
+
+def test_train_csr_tunes_only_the_last_blocks(bundle, tmp_path):
+    """`tuned_blocks=k`: only the last k blocks (and the post-LN) of the model's own tower train, from the
+    frozen trunk's cached output; the trunk stays the CLIP's, the file keeps k, and the features of the
+    split path equal a plain forward through the tuned tower. k outside 1..L is refused by name."""
+    from clinlens.data.phantoms import CHEST_DIAGNOSES, CHEST_FINDINGS
+    from clinlens.trainers.concepts import phantom_concept_items, pixel_batches, train_csr
+
+    items = phantom_concept_items("chest", 0, 8, drawn=True)
+    vm = bundle.model.vision_model
+    summ = train_csr(bundle, items, tmp_path / "k1.safetensors", CHEST_FINDINGS, CHEST_DIAGNOSES, steps=3, batch=4,
+                     progress=False, log=lambda *_: None, finetune_backbone=True, tuned_blocks=1, backbone_lr=1e-2,
+                     n_prototypes=2)
+    assert summ["backbone_lr"] == 1e-2
+    m = CSRModel.load(bundle, tmp_path / "k1.safetensors")
+    assert m.config["tuned_blocks"] == 1 and m.trunk_blocks == len(vm.encoder.layers) - 1
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))  # noqa: E731
+    assert same(m.backbone.embeddings, vm.embeddings)
+    assert all(same(m.backbone.encoder.layers[i], vm.encoder.layers[i]) for i in range(m.trunk_blocks))
+    assert not same(m.backbone.encoder.layers[-1], vm.encoder.layers[-1])
+    assert [p.requires_grad for p in m.backbone.encoder.layers[0].parameters()] == [False] * 16
+    pixels = next(pixel_batches(bundle, items[:2]))[1]
+    with torch.no_grad():
+        assert torch.allclose(m.features(pixels), patch_features(m.backbone, pixels), atol=1e-5)
+    for bad in (0, len(vm.encoder.layers) + 1):
+        with pytest.raises(ValueError, match="tuned_blocks must be in 1..6"):
+            _model(bundle, finetune_backbone=True, tuned_blocks=bad)
+
+
 def test_input_size_gives_a_finer_patch_grid(bundle, derm, tmp_path):
     """`input_size` runs the ViT at another input (interpolated position embeddings): 448 px -> 28x28
     patches; pixels at another size are resized to it; boxes and the atlas live on that input."""

@@ -44,6 +44,16 @@ def vision_depth(path: str | Path) -> int:
     return int(cfg.get("vision_config", {}).get("num_hidden_layers", 12))  # 12: transformers' CLIPVisionConfig default
 
 
+def vision_trunk(vision_model, pixel_values: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """(B, 3, S, S) normalised pixels -> hidden states (B, 1 + h*w, D) after the embeddings, the pre-LN and
+    the first `n_layers` encoder blocks; an S other than the CLIP's own interpolates the position embeddings."""
+    other = tuple(pixel_values.shape[-2:]) != (vision_model.config.image_size,) * 2
+    h = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values, interpolate_pos_encoding=other))
+    for layer in vision_model.encoder.layers[:n_layers]:
+        h = layer(h, None)
+    return h
+
+
 def small_clip_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, **over):
     """The embedded default: a few million parameters, fast enough for a click on 2 CPU cores."""
     from transformers import CLIPConfig

@@ -3,7 +3,8 @@
 A plain `torch.nn.Module` on a Hugging Face `CLIPModel`; nothing here knows MONAI Label.
 
 - **Features.** `f = post_LN(ViT patch tokens)`, (B, D, h, w) (`patch_features`); the vision tower
-  is frozen (run under `no_grad`, not saved) unless `finetune_backbone=True` (an own, saved copy).
+  is frozen (run under `no_grad`, not saved) unless `finetune_backbone=True` (an own, saved copy;
+  with `tuned_blocks` k only its last k blocks train, and training caches the frozen trunk's output).
   `input_size` S (default the CLIP's, 224) sets the model input: a larger S interpolates the position
   embeddings for a finer patch grid (448 -> 28x28, 672 -> 42x42: the shipped chest model, whose findings
   are small).
@@ -78,6 +79,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clinlens.models import checkpoint
+from clinlens.models.clip import vision_trunk
 from clinlens.models.region_clip import RegionCLIP
 from clinlens.models.zeroshot import POSITIVE_TEMPLATES
 
@@ -93,8 +95,15 @@ def csr_path(clip_dir) -> Path:
 def patch_features(vision_model, pixel_values: torch.Tensor, post_ln: bool = True) -> torch.Tensor:
     """(B, 3, S, S) normalised pixels -> (B, D, h, w) patch tokens of the last ViT layer (post-LN'd); an S
     other than the CLIP's own interpolates its position embeddings (a finer patch grid at a larger S)."""
-    other = tuple(pixel_values.shape[-2:]) != (vision_model.config.image_size,) * 2
-    tok = vision_model(pixel_values=pixel_values, interpolate_pos_encoding=other).last_hidden_state[:, 1:]
+    return features_from_hidden(vision_model, vision_trunk(vision_model, pixel_values, 0), 0, post_ln)
+
+
+def features_from_hidden(vision_model, hidden: torch.Tensor, first_layer: int, post_ln: bool = True) -> torch.Tensor:
+    """Hidden states (B, 1 + h*w, D) entering encoder block `first_layer` -> (B, D, h, w) patch features
+    (the remaining blocks, then the post-LN)."""
+    for layer in vision_model.encoder.layers[first_layer:]:
+        hidden = layer(hidden, None)
+    tok = hidden[:, 1:]
     if post_ln:
         tok = vision_model.post_layernorm(tok)
     b, n, d = tok.shape
@@ -183,7 +192,7 @@ class CSRModel(nn.Module):
                  proto_init_noise: float = 0.5, head_init: str = "text", detach_stages: bool = True,
                  descriptions: Sequence[str | None] | None = None, box_recentre: bool = True,
                  region_weight: float = 1.0, region_temperature: float = 0.1, region_mode: str = "prototype",
-                 input_size: int | None = None):
+                 input_size: int | None = None, tuned_blocks: int | None = None):
         super().__init__()
         if cam_pool not in ("max", "avg"):
             raise ValueError(f"cam_pool must be 'max' or 'avg', got {cam_pool!r}")
@@ -205,12 +214,16 @@ class CSRModel(nn.Module):
             raise ValueError(f"input_size must be a multiple of the patch size {vc.patch_size}, got {input_size}")
         g = self.image_size // vc.patch_size
         self.grid = (g, g)
+        if tuned_blocks is not None and not 1 <= int(tuned_blocks) <= vc.num_hidden_layers:
+            raise ValueError(f"tuned_blocks must be in 1..{vc.num_hidden_layers} (the vision tower's blocks) "
+                             f"or None (all), got {tuned_blocks}")
         self.config = dict(n_prototypes=n_prototypes, proj_hidden=proj_hidden, lam=lam, gamma=gamma, delta=delta,
                            margin_sign=float(margin_sign), text_reg=text_reg, cam_pool=cam_pool, alpha=alpha,
                            finetune_backbone=False, post_ln=post_ln, proto_init_noise=proto_init_noise,
                            head_init=head_init, detach_stages=detach_stages, box_recentre=bool(box_recentre),
                            region_weight=float(region_weight), region_temperature=float(region_temperature),
-                           region_mode=region_mode, input_size=self.image_size)
+                           region_mode=region_mode, input_size=self.image_size,
+                           tuned_blocks=None if tuned_blocks is None else int(tuned_blocks))
         anchors = F.normalize(torch.as_tensor(text_anchors, dtype=torch.float32).reshape(K, E), dim=-1)
         self.register_buffer("text_anchors", anchors.clone())
         # projector: CLIP's visual projection (trainable copy) + a zero-initialised MLP residual
@@ -282,16 +295,44 @@ class CSRModel(nn.Module):
 
     def own_backbone(self) -> None:
         """Give a frozen-backbone model its own trainable copy of the CLIP vision tower (saved with it from
-        now on, `finetune_backbone`); a model that has one keeps it."""
+        now on, `finetune_backbone`); a model that has one keeps it. With `tuned_blocks` k only the last k
+        blocks and the post-LN of the copy train; the rest (the *trunk*) stays the CLIP's, frozen."""
         if "backbone" not in self._modules:  # still the shared CLIP's tower (a plain attribute)
             self.backbone = copy.deepcopy(self._clip.vision_model).to(self.device)
+            self.config["finetune_backbone"] = True
+            if self.config["tuned_blocks"]:  # else the whole copy trains, the embeddings too
+                for mod in (self.backbone.embeddings, self.backbone.pre_layrnorm,
+                            *self.backbone.encoder.layers[:self.trunk_blocks]):
+                    mod.requires_grad_(False)
         self.config["finetune_backbone"] = True
+
+    @property
+    def trunk_blocks(self) -> int:
+        """The vision blocks that never train: all of them when frozen, those before `tuned_blocks` else."""
+        n = len(self.backbone.encoder.layers)
+        if not self.config["finetune_backbone"]:
+            return n
+        return n - (self.config["tuned_blocks"] or n)
+
+    def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S', S') normalised pixels -> hidden states (B, 1 + h*w, D) after the untrained blocks
+        (`trunk_blocks`), without gradients: what a partly fine-tuned model caches per image."""
+        if tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
+            pixel_values = F.interpolate(pixel_values, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            return vision_trunk(self.backbone, pixel_values, self.trunk_blocks)
+
+    def features_from_trunk(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`trunk` output -> (B, D, h, w) features through the trained blocks (with gradients when tuned)."""
+        return features_from_hidden(self.backbone, hidden.to(self.device), self.trunk_blocks, self.config["post_ln"])
 
     # ------------------------------------------------------------------ features and stage 1
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S', S') normalised pixels -> (B, D, h, w) at the model input S (resized when S' differs);
         frozen backbones run without gradients."""
         post_ln = self.config["post_ln"]
+        if self.config["tuned_blocks"] and self.config["finetune_backbone"]:
+            return self.features_from_trunk(self.trunk(pixel_values))
         if tuple(pixel_values.shape[-2:]) != (self.image_size,) * 2:
             pixel_values = F.interpolate(pixel_values, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
         if self.config["finetune_backbone"]:

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clinlens.models import checkpoint
+from clinlens.models.clip import vision_trunk
 from clinlens.models.mask_decoder import MaskDecoder
 from clinlens.models.prompt_encoder import PromptEncoder
 
@@ -89,11 +90,7 @@ class RegionCLIP(nn.Module):
 
     def trunk(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised pixels -> hidden (B, 1 + h*w, W) after the first L-k layers."""
-        vm = self._clip.vision_model
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        for layer in vm.encoder.layers[: self.n_layers - self.k]:
-            h = layer(h, None)
-        return h
+        return vision_trunk(self._clip.vision_model, pixel_values, self.n_layers - self.k)
 
     def plain_from_trunk(self, hidden: torch.Tensor) -> torch.Tensor:
         """The unmodified CLIP's image embedding from a trunk output (reference for the global term)."""

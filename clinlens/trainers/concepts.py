@@ -9,7 +9,8 @@ then the prototype atlas; optional prototype pruning with a refit of the task he
   -> diagnosis).
 - The backbone is the frozen CLIP (features cached once), or, for a model made with
   `finetune_backbone=True`, its own copy trained with the rest at `backbone_lr` (pixels cached, the
-  features recomputed every step); CUDA with bf16 autocast when available.
+  features recomputed every step; with `tuned_blocks` k, the output of the frozen blocks is cached and
+  only the last k run every step); CUDA with bf16 autocast when available.
 """
 from __future__ import annotations
 
@@ -126,7 +127,8 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
 
     A model with its own backbone (`finetune_backbone`) needs `pixels` (N, 3, S, S): each step encodes
     its batch and the backbone trains at `backbone_lr`; `feats` is not used, the scores after
-    training come from features encoded anew."""
+    training come from features encoded anew. When only its last blocks train (`tuned_blocks`), the
+    frozen trunk's hidden states are computed once and each step runs the tuned blocks alone."""
     from tqdm.auto import tqdm
 
     tune = bool(model.config["finetune_backbone"])
@@ -141,12 +143,17 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
     hist = []
     bar = tqdm(range(steps), desc="train-concepts", disable=not progress, mininterval=5)
     n = len(pixels) if tune else len(feats)
+    trunk = None
+    if tune and model.config["tuned_blocks"]:  # the frozen blocks' output, once per image
+        trunk = torch.cat([model.trunk(pixels[i:i + 32].to(model.device)).cpu() for i in range(0, n, 32)])
     for _ in bar:
         idx = torch.randint(n, (min(batch, n),), generator=g)
         c = cls[idx]
         r = regions[idx]
         x = {"pixel_values": pixels[idx].to(model.device)} if tune else {"features": feats[idx]}
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+            if trunk is not None:
+                x = {"features": model.features_from_trunk(trunk[idx])}
             out = model.losses(y[idx], c if (c >= 0).all() else None, region_masks=r if r.any() else None, **x)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
@@ -156,7 +163,9 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
         bar.set_postfix(loss=f"{hist[-1]['total']:.3f}")
     model.eval()
     if tune:
-        feats = encode(model, pixels)
+        with torch.no_grad():
+            feats = (torch.cat([model.features_from_trunk(trunk[i:i + 32]).cpu() for i in range(0, n, 32)])
+                     if trunk is not None else encode(model, pixels))
     with torch.no_grad():
         scores = model.scores_from_maps(model.similarity_maps(feats.to(model.device))).cpu()
     fired = []
