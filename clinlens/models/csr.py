@@ -297,14 +297,14 @@ class CSRModel(nn.Module):
         """Give a frozen-backbone model its own trainable copy of the CLIP vision tower (saved with it from
         now on, `finetune_backbone`); a model that has one keeps it. With `tuned_blocks` k only the last k
         blocks and the post-LN of the copy train; the rest (the *trunk*) stays the CLIP's, frozen."""
-        if "backbone" not in self._modules:  # still the shared CLIP's tower (a plain attribute)
-            self.backbone = copy.deepcopy(self._clip.vision_model).to(self.device)
-            self.config["finetune_backbone"] = True
-            if self.config["tuned_blocks"]:  # else the whole copy trains, the embeddings too
-                for mod in (self.backbone.embeddings, self.backbone.pre_layrnorm,
-                            *self.backbone.encoder.layers[:self.trunk_blocks]):
-                    mod.requires_grad_(False)
         self.config["finetune_backbone"] = True
+        if "backbone" in self._modules:  # already its own (not the shared CLIP's tower, a plain attribute)
+            return
+        self.backbone = copy.deepcopy(self._clip.vision_model).to(self.device)
+        if self.config["tuned_blocks"]:  # else the whole copy trains, the embeddings too
+            for mod in (self.backbone.embeddings, self.backbone.pre_layrnorm,
+                        *self.backbone.encoder.layers[:self.trunk_blocks]):
+                mod.requires_grad_(False)
 
     @property
     def trunk_blocks(self) -> int:

@@ -78,11 +78,12 @@ def pixel_batches(bundle, items, chunk: int = 32, size: int | None = None):
         yield [it[0] for it in part], torch.cat([bundle.pixel_values(it[1], size) for it in part])
 
 
-def encode(model: CSRModel, pixels: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """Patch features (N, D, h, w) on the CPU of normalised pixels (N, 3, S, S), in chunks, without gradients."""
+def encode(model: CSRModel, pixels: torch.Tensor, chunk: int = 32, fn=None) -> torch.Tensor:
+    """Patch features (N, D, h, w) on the CPU of normalised pixels (N, 3, S, S), in chunks, without gradients;
+    `fn` (default `model.features`) maps a chunk instead, e.g. `model.trunk` or `model.features_from_trunk`."""
+    fn = fn or model.features
     with torch.no_grad():
-        return torch.cat([model.features(pixels[i:i + chunk].to(model.device)).cpu()
-                          for i in range(0, len(pixels), chunk)])
+        return torch.cat([fn(pixels[i:i + chunk].to(model.device)).cpu() for i in range(0, len(pixels), chunk)])
 
 
 def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
@@ -118,12 +119,13 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr: float, seed: int = 0, prune=(),
             progress: bool = False, fire=None, pixels: torch.Tensor | None = None,
-            backbone_lr: float = DEFAULTS["backbone_lr"]) -> tuple[list[dict], float | None, list[int]]:
+            backbone_lr: float = DEFAULTS["backbone_lr"]) -> tuple[list[dict], float | None, list[int], torch.Tensor]:
     """Stages 1-3 by gradient on cached features (Adam, cosine schedule, bf16 autocast on CUDA; class
     labels -1 = unknown), then any pruning, then stage 4 (the task head) refitted to convergence. `fire` = (indices of the
     images with the region, their region masks, share): the prototypes firing on the region in more
     than that share of them are pruned too. Returns (loss history, refit accuracy or None when no image
-    has a class, the prototype ids pruned for firing on the region).
+    has a class, the prototype ids pruned for firing on the region, the features scored: `feats`, or
+    for a tuned backbone those it gives after training).
 
     A model with its own backbone (`finetune_backbone`) needs `pixels` (N, 3, S, S): each step encodes
     its batch and the backbone trains at `backbone_lr`; `feats` is not used, the scores after
@@ -145,7 +147,7 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
     n = len(pixels) if tune else len(feats)
     trunk = None
     if tune and model.config["tuned_blocks"]:  # the frozen blocks' output, once per image
-        trunk = torch.cat([model.trunk(pixels[i:i + 32].to(model.device)).cpu() for i in range(0, n, 32)])
+        trunk = encode(model, pixels, fn=model.trunk)
     for _ in bar:
         idx = torch.randint(n, (min(batch, n),), generator=g)
         c = cls[idx]
@@ -163,9 +165,7 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
         bar.set_postfix(loss=f"{hist[-1]['total']:.3f}")
     model.eval()
     if tune:
-        with torch.no_grad():
-            feats = (torch.cat([model.features_from_trunk(trunk[i:i + 32]).cpu() for i in range(0, n, 32)])
-                     if trunk is not None else encode(model, pixels))
+        feats = encode(model, pixels) if trunk is None else encode(model, trunk, fn=model.features_from_trunk)
     with torch.no_grad():
         scores = model.scores_from_maps(model.similarity_maps(feats.to(model.device))).cpu()
     fired = []
@@ -183,7 +183,7 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
     refit_acc = None
     if labelled.any():  # stage 4 to convergence on the final prototype scores (after any pruning)
         refit_acc = model.refit_task_head(scores[labelled], cls[labelled])
-    return hist, refit_acc, fired
+    return hist, refit_acc, fired, feats
 
 
 def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"],
@@ -234,10 +234,8 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
             raise ValueError(f"no image has a drawn region named {prune_firing_on!r} to find the prototypes firing on it")
         fire = (idx, [items[i][4][prune_firing_on] for i in idx], fire_share)
         log(f"CSR: pruning prototypes that fire on {prune_firing_on!r} in more than {fire_share:.0%} of {len(idx)} images")
-    hist, refit_acc, fired = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress, fire,
-                                     pixels=pixels, backbone_lr=backbone_lr)
-    if pixels is not None:
-        feats = encode(model, pixels)
+    hist, refit_acc, fired, feats = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress,
+                                            fire, pixels=pixels, backbone_lr=backbone_lr)
     labelled = cls >= 0
     with torch.no_grad():
         out = model(features=feats.to(model.device))
