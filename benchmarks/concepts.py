@@ -1,5 +1,5 @@
 """CSR on held-out phantoms (methods.md §2 metrics): class macro-F1 against a linear probe and a
-concept-bottleneck baseline on the same frozen CLIP features, and the pointing game of the concept
+concept-bottleneck baseline on the same patch features (the CSR model's backbone), and the pointing game of the concept
 maps against the finding masks (and, as the paper defines it, their boxes), before and after atlas pruning.
 
 Atlas pruning is simulated as a clinician would do it from the atlas: a prototype whose nearest
@@ -9,13 +9,18 @@ dermoscopic concepts) and chest (findings).
 
 The correction loop (`--drawn`): CSR retrained as the shipped model is, with the phantoms' concept masks
 standing in for the regions a clinician draws and names after a concept, on a share of the training
-images (the shipped models have them on all); the same metrics. Writes benchmarks/results/concepts.md and .json.
+images (the shipped models have them on all); the same metrics. Share 1 is the shipped training itself: when the
+shipped file's training record says so, it is evaluated instead of retrained (retraining it reproduced it exactly).
+`--jobs N` retrains the arms in N processes. Writes benchmarks/results/concepts.md and .json.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import multiprocessing
 import sys
+from concurrent.futures import Future, ProcessPoolExecutor
 import tempfile
 from pathlib import Path
 
@@ -30,7 +35,8 @@ from common import RESULTS, header, write_results  # noqa: E402
 from clinlens.data.phantoms import make_chest, make_derm, mask_box  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
 from clinlens.models.csr import CSRModel  # noqa: E402
-from clinlens.trainers.concepts import SHIPPED, CSR_FAMILIES, _tensors, csr_file, phantom_concept_items, train_csr  # noqa: E402
+from clinlens.trainers.concepts import (CSR_FAMILIES, SHIPPED, _tensors, csr_file,  # noqa: E402
+                                       is_shipped_training, phantom_concept_items, train_csr)
 
 MAKERS = {"derm": make_derm, "chest": make_chest}
 
@@ -158,7 +164,19 @@ def evaluate(model: CSRModel, ftr, ytr, fte, yte, test, size: int) -> dict:
     return row
 
 
-def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, drawn_shares=()) -> dict:
+def retrain(model_dir, fam: str, n_train: int, size: int, share: float, path, threads: int) -> dict:
+    """One correction-loop arm: the shipped training with the concept regions drawn on a `share` of the images
+    (a process of its own under `--jobs`)."""
+    torch.set_num_threads(threads)
+    bundle = load_clip(model_dir, device="cpu")
+    concepts, classes = CSR_FAMILIES[fam]
+    items = with_drawn(phantom_concept_items(fam, 0, n_train, size, drawn=True), share)
+    return train_csr(bundle, items, path, concepts, classes, progress=False, log=lambda *_: None,
+                     **SHIPPED.get(fam, {}))
+
+
+def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, arms: dict) -> dict:
+    """The shipped model's row and its drawn-share arms (share -> (model path, future of its training summary))."""
     concepts, classes = CSR_FAMILIES[fam]
     model = CSRModel.load(bundle, csr_file(bundle.path, fam))
     train = phantom_concept_items(fam, 0, n_train, size, drawn=True)  # the shipped model's training items
@@ -168,7 +186,8 @@ def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, drawn_sha
     with torch.no_grad():
         out_te = model(features=fte)
         out_tr = model(features=ftr)
-    row = {"train": len(train), "test": len(test), "classes": classes}
+    row = {"train": len(train), "test": len(test), "classes": classes,
+           "finetuned": bool(model.config["finetune_backbone"])}
     pool = lambda f: f.mean((2, 3)).numpy()  # noqa: E731
     probe = LogisticRegression(max_iter=3000).fit(pool(ftr), ytr)
     row["probe_f1"] = macro_f1(yte, probe.predict(pool(fte)))
@@ -177,20 +196,24 @@ def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, drawn_sha
     row["probe_pointing"] = probe_pointing(model, ftr, rtr, fte, test, size)
     row.update(evaluate(model, ftr, ytr, fte, yte, test, size))
     print(f"[{fam}] shipped model: macro-F1 {row['csr_f1']:.3f}, pointing after pruning {row['pointing_after']:.3f}; "
-          f"{len(drawn_shares)} retraining(s) to go", flush=True)
+          f"{len(arms)} drawn-share arm(s) to go", flush=True)
     # the correction loop: the same training, with the concept regions drawn on a share of the images
     row["drawn"] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for share in drawn_shares:
-            items = with_drawn(train, share)
-            path = Path(tmp) / f"csr_{fam}_{share}.safetensors"
-            summ = train_csr(bundle, items, path, concepts, classes, progress=False, log=lambda *_: None,
-                             **SHIPPED.get(fam, {}))
-            r = evaluate(CSRModel.load(bundle, path), ftr, ytr, fte, yte, test, size)
-            r["drawn_regions"] = summ["drawn_regions"]
-            row["drawn"][str(share)] = r
-            print(f"[{fam}] drawn share {share}: trained in {summ['seconds']}s, macro-F1 {r['csr_f1']:.3f}, "
-                  f"pointing after pruning {r['pointing_after']:.3f}", flush=True)
+    for share, (path, fut) in arms.items():
+        summ = fut.result()
+        m = CSRModel.load(bundle, path)
+        if m.config["finetune_backbone"] and path != csr_file(bundle.path, fam):  # its own tower: its own features
+            a_tr, _, a_ytr, _ = _tensors(bundle, m, train)
+            a_te = _tensors(bundle, m, test)[0]
+        else:
+            a_tr, a_ytr, a_te = ftr, ytr, fte
+        r = evaluate(m, a_tr, a_ytr, a_te, yte, test, size)
+        r["drawn_regions"] = summ["drawn_regions"]
+        r["reused_shipped"] = path == csr_file(bundle.path, fam)
+        row["drawn"][str(share)] = r
+        how = "the shipped training" if r["reused_shipped"] else f"trained in {summ['seconds']}s"
+        print(f"[{fam}] drawn share {share}: {how}, macro-F1 {r['csr_f1']:.3f}, "
+              f"pointing after pruning {r['pointing_after']:.3f}", flush=True)
     return row
 
 
@@ -210,11 +233,30 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drawn", type=float, nargs="*", default=[0.0, 0.25, 1.0],
                     help="shares of the training images with their concept regions drawn (retrained arms)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="processes retraining the drawn-share arms (each with --threads threads) while this one "
+                         "evaluates")
     ap.add_argument("--out", default=str(RESULTS / "concepts"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     bundle = load_clip(a.model, device="cpu")
-    rows = {fam: run_family(bundle, fam, a.n_train, a.n_test, a.size, a.drawn) for fam in ("derm", "chest")}
+    fams = ("derm", "chest")
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
+            max(1, a.jobs), mp_context=multiprocessing.get_context("spawn")) as ex:
+        arms = {fam: {} for fam in fams}
+        for fam in fams:
+            shipped = is_shipped_training(bundle.path, fam, a.n_train)
+            for share in a.drawn:
+                if share >= 1.0 and shipped:
+                    done = Future()
+                    done.set_result(json.loads(csr_file(bundle.path, fam).with_suffix(".json").read_text())["training"])
+                    arms[fam][share] = (csr_file(bundle.path, fam), done)
+                else:
+                    path = Path(tmp) / f"csr_{fam}_{share}.safetensors"
+                    arms[fam][share] = (path, ex.submit(retrain, bundle.path, fam, a.n_train, a.size, share, path,
+                                                        a.threads))
+        rows = {fam: run_family(bundle, fam, a.n_train, a.n_test, a.size, arms[fam]) for fam in fams}
+    tuned = [f for f in fams if rows[f]["finetuned"]]
     lines = [header("Concept-similarity classification (CSR) on held-out phantoms"),
              f"- model: `{bundle.path}` (shipped `csr_<family>.safetensors`, trained by `clinlens train-default "
              f"--concepts-only` on {a.n_train} phantoms, seed 0, with their concept masks as drawn regions); held-out: "
@@ -222,8 +264,10 @@ def main(argv=None):
              "- model input per family (`SHIPPED` in clinlens/trainers/concepts.py, chosen on validation phantoms): "
              + ", ".join(f"{f} {SHIPPED.get(f, {}).get('input_size', 224)} px" for f in ("derm", "chest"))
              + " (16 px patches; a larger input interpolates the CLIP's position embeddings). Every feature below "
-             "(CSR, baselines, probe) is the CLIP's at the family's input.",
-             "- baselines on the same frozen CLIP patch features: linear probe = logistic regression on the "
+             "(CSR, baselines, probe) is the CSR model's backbone's at the family's input: the CLIP's, frozen"
+             + (f"; for {', '.join(tuned)} the model's own fine-tuned copy of the vision tower (each retrained arm "
+                "its own)" if tuned else "") + ".",
+             "- baselines on the same patch features: linear probe = logistic regression on the "
              "mean-pooled patch features; concept bottleneck = logistic regression on CSR's stage-1 concept "
              "probabilities.",
              "- pointing game: for each held-out image and present concept with a mask, the peak patch of the "
@@ -259,12 +303,15 @@ def main(argv=None):
                   "play the drawn segments on a share of the training images (drawn at random; all the present "
                   "concepts with a mask on those images), and CSR is retrained exactly as `clinlens train-default "
                   "--concepts-only` trains the shipped model (same images, seed and steps; share 1 is that training "
-                  "again, share 0 the image-level labels alone). Same held-out images and metrics.", "",
+                  "again, share 0 the image-level labels alone). Same held-out images and metrics. Share 1 is "
+                  "not retrained when the shipped file's training record is that training (*shipped* below: its "
+                  "row repeats the shipped model's; an earlier run that retrained it reproduced it exactly).", "",
                   "| family | drawn share | drawn regions | CSR macro-F1 | CSR after pruning | pointing before, mask / box | "
                   "pointing after, mask / box | pruned / prototypes |", "|---|---|---|---|---|---|---|---|"]
         for fam, r in rows.items():
             for share, x in r["drawn"].items():
-                lines.append(f"| {fam} | {float(share):.2f} | {x['drawn_regions']} | {x['csr_f1']:.3f} | "
+                lines.append(f"| {fam} | {float(share):.2f}{' (shipped)' if x.get('reused_shipped') else ''} | "
+                             f"{x['drawn_regions']} | {x['csr_f1']:.3f} | "
                              f"{x['csr_f1_pruned']:.3f} | {x['pointing_before']:.3f} / {x['pointing_box_before']:.3f} | "
                              f"{x['pointing_after']:.3f} / {x['pointing_box_after']:.3f} | "
                              f"{x['pruned']} / {x['prototypes']} |")

@@ -285,3 +285,22 @@ def test_phantom_items_carry_their_concept_masks_as_drawn_regions(family):
             assert d[2][name] == 1 and mask.shape == d[1].shape[:2] and mask.any()  # present concepts only, 2D
             n += 1
     assert n > 0
+
+
+def test_the_shipped_csr_files_record_the_training_train_default_gives_them(tmp_path):
+    """The embedded CSR files match `SHIPPED` (a setting changed without retraining is caught), and a file trained
+    otherwise is told apart (benchmarks/concepts.py then retrains its drawn share 1 arm instead of reusing it)."""
+    from clinlens.trainers.concepts import CSR_FAMILIES, SHIPPED, csr_file, is_shipped_training
+
+    for family in CSR_FAMILIES:
+        assert is_shipped_training(DEFAULT_CLIP_DIR, family), family
+    info = json.loads(csr_file(DEFAULT_CLIP_DIR, "chest").with_suffix(".json").read_text())
+    changes = [("training", "images", 100), ("training", "seed", 1), ("training", "pruned", [3]),
+               ("training", "command", "concepts train task"),
+               ("config", "input_size", SHIPPED["chest"].get("input_size", 224) + 224)]
+    for part, key, value in changes:
+        other = json.loads(json.dumps(info))
+        other[part][key] = value
+        csr_file(tmp_path, "chest").with_suffix(".json").write_text(json.dumps(other))
+        assert not is_shipped_training(tmp_path, "chest"), (part, key)
+    assert not is_shipped_training(tmp_path, "derm")  # no file

@@ -14,6 +14,7 @@ then the prototype atlas; optional prototype pruning with a refit of the task he
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -37,6 +38,21 @@ SHIPPED = {"chest": dict(input_size=672)}
 
 def csr_file(model_dir, family: str) -> Path:
     return Path(model_dir) / f"csr_{family}.safetensors"
+
+
+def is_shipped_training(model_dir, family: str, n_images: int = DEFAULTS["n_images"]) -> bool:
+    """Whether the CSR file of `family` in `model_dir` records (in its JSON summary) the training that
+    `train_concept_models_default` gives it today: `n_images` phantoms, seed 0, default steps, `SHIPPED` settings."""
+    p = csr_file(model_dir, family).with_suffix(".json")
+    if not p.is_file():
+        return False
+    info = json.loads(p.read_text())
+    rec, cfg = info.get("training", {}), info.get("config", {})
+    base = {"input_size": 224, "finetune_backbone": False}  # older files have no input_size
+    have = {**base, **cfg, **{k: rec[k] for k in ("backbone_lr",) if k in rec}}
+    return (rec.get("command") == "clinlens train-default --concepts-only" and rec.get("images") == n_images
+            and rec.get("seed") == 0 and rec.get("steps") == DEFAULTS["steps"] and not rec.get("pruned")
+            and all(have.get(k) == v for k, v in {**base, **SHIPPED.get(family, {})}.items()))
 
 
 def phantom_concept_items(family: str, seed: int, n: int, size: int = 224, drawn: bool = False) -> list[tuple]:
