@@ -44,9 +44,15 @@ def cmd_train_default(a) -> int:
 
         train_region_default(a.out, seed=a.seed, device=a.device)
     if not a.skip_concepts and not a.region_only:
-        from clinlens.trainers.concepts import train_concept_models_default
+        from clinlens.trainers.concepts import CSR_FAMILIES, DEFAULTS as CSR_DEFAULTS, train_concept_models_default
 
-        train_concept_models_default(a.out, seed=a.seed, device=a.device)
+        from clinlens.trainers.prompt_learning import DEFAULTS as PROMPT_DEFAULTS
+
+        scaled = lambda n, least: n if a.scale == 1.0 else max(least, int(n * a.scale))  # noqa: E731
+        train_concept_models_default(a.out, families=tuple(a.families or CSR_FAMILIES), seed=a.seed,
+                                     n_images=scaled(CSR_DEFAULTS["n_images"], 8),
+                                     steps=scaled(CSR_DEFAULTS["steps"], 5),
+                                     prompt_steps=scaled(PROMPT_DEFAULTS["steps"], 5), device=a.device)
     return 0
 
 
@@ -183,12 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     t.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     t.add_argument("--batch", type=int, default=DEFAULTS["batch"])
-    t.add_argument("--scale", type=float, default=1.0, help="scale the number of phantoms (e.g. 0.05 for a smoke run)")
+    t.add_argument("--scale", type=float, default=1.0, help="scale the number of phantoms (and the concept models' steps; e.g. 0.05 for a smoke run)")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--skip-region", action="store_true", help="train only the CLIP, not the region model")
     t.add_argument("--region-only", action="store_true", help="train only the region model on the existing CLIP")
     t.add_argument("--skip-concepts", action="store_true", help="do not train the concept (CSR) models and prompt learners")
     t.add_argument("--concepts-only", action="store_true", help="train only the concept (CSR) models and prompt learners")
+    from clinlens.trainers.concepts import CSR_FAMILIES
+
+    t.add_argument("--families", nargs="+", choices=list(CSR_FAMILIES), default=None,
+                   help="concept models and prompt learners of these families only (default: all)")
     t.set_defaults(fn=cmd_train_default)
 
     from clinlens.trainers.negation import DEFAULTS as NEG, LOSSES

@@ -44,3 +44,27 @@ def test_phantom_pairs_from_worker_processes_equal_the_serial_ones():
     assert np.array_equal(a.array(), b.array())
     for field in ("captions", "positives", "kind", "family", "labels"):
         assert getattr(a, field) == getattr(b, field), field
+
+
+def test_train_default_retrains_only_the_named_concept_families(tmp_path):
+    """`--concepts-only --families derm` leaves the other families' files alone; `--scale` shrinks its phantoms."""
+    import json
+    import shutil
+
+    from clinlens.models.clip import DEFAULT_CLIP_DIR
+
+    for f in DEFAULT_CLIP_DIR.iterdir():  # the CLIP and the committed chest model, not derm's
+        if not f.name.startswith(("csr_", "prompt_")) or f.name.startswith("csr_chest"):
+            shutil.copy(f, tmp_path / f.name)
+    before = (tmp_path / "csr_chest.safetensors").read_bytes()
+    subprocess.run([sys.executable, "-m", "clinlens.cli", "train-default", "--concepts-only", "--families", "derm",
+                    "--scale", "0.05", "--device", "cpu", "--out", str(tmp_path)], check=True, capture_output=True)
+    rec = json.loads((tmp_path / "csr_derm.json").read_text())["training"]
+    assert rec["family"] == "derm" and rec["images"] == 12 and rec["steps"] == 15
+    assert (tmp_path / "prompt_derm.safetensors").is_file()
+    assert not any((tmp_path / f"{k}_ct.safetensors").exists() for k in ("csr", "prompt"))
+    assert not (tmp_path / "prompt_chest.safetensors").exists()
+    assert (tmp_path / "csr_chest.safetensors").read_bytes() == before
+    bad = subprocess.run([sys.executable, "-m", "clinlens.cli", "train-default", "--concepts-only", "--families",
+                          "lung", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "lung" in bad.stderr
