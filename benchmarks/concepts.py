@@ -20,8 +20,8 @@ import functools
 import json
 import multiprocessing
 import sys
-from concurrent.futures import Future, ProcessPoolExecutor
 import tempfile
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +187,7 @@ def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, arms: dic
         out_te = model(features=fte)
         out_tr = model(features=ftr)
     row = {"train": len(train), "test": len(test), "classes": classes,
-           "finetuned": bool(model.config["finetune_backbone"])}
+           "finetuned": bool(model.config["finetune_backbone"]), "input_size": model.image_size}
     pool = lambda f: f.mean((2, 3)).numpy()  # noqa: E731
     probe = LogisticRegression(max_iter=3000).fit(pool(ftr), ytr)
     row["probe_f1"] = macro_f1(yte, probe.predict(pool(fte)))
@@ -262,7 +262,7 @@ def main(argv=None):
              f"--concepts-only` on {a.n_train} phantoms, seed 0, with their concept masks as drawn regions); held-out: "
              f"{a.n_test} phantoms of other seeds, {a.size} px.",
              "- model input per family (`SHIPPED` in clinlens/trainers/concepts.py, chosen on validation phantoms): "
-             + ", ".join(f"{f} {SHIPPED.get(f, {}).get('input_size', 224)} px" for f in ("derm", "chest"))
+             + ", ".join(f"{f} {r['input_size']} px" for f, r in rows.items())
              + " (16 px patches; a larger input interpolates the CLIP's position embeddings). Every feature below "
              "(CSR, baselines, probe) is the CSR model's backbone's at the family's input: the CLIP's, frozen"
              + (f"; for {', '.join(tuned)} the model's own fine-tuned copy of the vision tower (each retrained arm "
