@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing
 import sys
 import tempfile
@@ -35,8 +34,8 @@ from common import RESULTS, header, write_results  # noqa: E402
 from clinlens.data.phantoms import make_chest, make_derm, mask_box  # noqa: E402
 from clinlens.models.clip import load_clip  # noqa: E402
 from clinlens.models.csr import CSRModel  # noqa: E402
-from clinlens.trainers.concepts import (CSR_FAMILIES, SHIPPED, _tensors, csr_file,  # noqa: E402
-                                       is_shipped_training, phantom_concept_items, train_csr)
+from clinlens.trainers.concepts import (CSR_FAMILIES, SHIPPED, _features, _tensors, csr_file,  # noqa: E402
+                                       phantom_concept_items, shipped_training_record, train_csr)
 
 MAKERS = {"derm": make_derm, "chest": make_chest}
 
@@ -202,14 +201,14 @@ def run_family(bundle, fam: str, n_train: int, n_test: int, size: int, arms: dic
     for share, (path, fut) in arms.items():
         summ = fut.result()
         m = CSRModel.load(bundle, path)
-        if m.config["finetune_backbone"] and path != csr_file(bundle.path, fam):  # its own tower: its own features
-            a_tr, _, a_ytr, _ = _tensors(bundle, m, train)
-            a_te = _tensors(bundle, m, test)[0]
+        reused = path == csr_file(bundle.path, fam)
+        if m.config["finetune_backbone"] and not reused:  # its own tower: its own features
+            a_tr, a_te = _features(bundle, m, train), _features(bundle, m, test)
         else:
-            a_tr, a_ytr, a_te = ftr, ytr, fte
-        r = evaluate(m, a_tr, a_ytr, a_te, yte, test, size)
+            a_tr, a_te = ftr, fte
+        r = evaluate(m, a_tr, ytr, a_te, yte, test, size)
         r["drawn_regions"] = summ["drawn_regions"]
-        r["reused_shipped"] = path == csr_file(bundle.path, fam)
+        r["reused_shipped"] = reused
         row["drawn"][str(share)] = r
         how = "the shipped training" if r["reused_shipped"] else f"trained in {summ['seconds']}s"
         print(f"[{fam}] drawn share {share}: {how}, macro-F1 {r['csr_f1']:.3f}, "
@@ -238,18 +237,20 @@ def main(argv=None):
                          "evaluates")
     ap.add_argument("--out", default=str(RESULTS / "concepts"))
     a = ap.parse_args(argv)
+    if a.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {a.jobs}")
     torch.set_num_threads(a.threads)
     bundle = load_clip(a.model, device="cpu")
     fams = ("derm", "chest")
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
-            max(1, a.jobs), mp_context=multiprocessing.get_context("spawn")) as ex:
+            a.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
         arms = {fam: {} for fam in fams}
         for fam in fams:
-            shipped = is_shipped_training(bundle.path, fam, a.n_train)
+            rec = shipped_training_record(bundle.path, fam, a.n_train)
             for share in a.drawn:
-                if share >= 1.0 and shipped:
+                if share >= 1.0 and rec is not None:
                     done = Future()
-                    done.set_result(json.loads(csr_file(bundle.path, fam).with_suffix(".json").read_text())["training"])
+                    done.set_result(rec)
                     arms[fam][share] = (csr_file(bundle.path, fam), done)
                 else:
                     path = Path(tmp) / f"csr_{fam}_{share}.safetensors"

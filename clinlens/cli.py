@@ -36,6 +36,9 @@ def cmd_train_default(a) -> int:
     counts = dict(DEFAULTS["counts"])
     if a.scale != 1.0:
         counts = {k: max(2, int(v * a.scale)) for k, v in counts.items()}
+    if a.families and (a.skip_concepts or a.region_only):
+        print("--families names concept models; it cannot go with --skip-concepts or --region-only", file=sys.stderr)
+        return 2
     only = a.region_only or a.concepts_only
     if not only:
         train_default(a.out, seed=a.seed, steps=a.steps, batch=a.batch, counts=counts, device=a.device)

@@ -290,10 +290,10 @@ def test_phantom_items_carry_their_concept_masks_as_drawn_regions(family):
 def test_the_shipped_csr_files_record_the_training_train_default_gives_them(tmp_path):
     """The embedded CSR files match `SHIPPED` (a setting changed without retraining is caught), and a file trained
     otherwise is told apart (benchmarks/concepts.py then retrains its drawn share 1 arm instead of reusing it)."""
-    from clinlens.trainers.concepts import CSR_FAMILIES, SHIPPED, csr_file, is_shipped_training
+    from clinlens.trainers.concepts import CSR_FAMILIES, SHIPPED, csr_file, shipped_training_record
 
     for family in CSR_FAMILIES:
-        assert is_shipped_training(DEFAULT_CLIP_DIR, family), family
+        assert shipped_training_record(DEFAULT_CLIP_DIR, family)["family"] == family
     info = json.loads(csr_file(DEFAULT_CLIP_DIR, "chest").with_suffix(".json").read_text())
     changes = [("training", "images", 100), ("training", "seed", 1), ("training", "pruned", [3]),
                ("training", "command", "concepts train task"),
@@ -302,5 +302,5 @@ def test_the_shipped_csr_files_record_the_training_train_default_gives_them(tmp_
         other = json.loads(json.dumps(info))
         other[part][key] = value
         csr_file(tmp_path, "chest").with_suffix(".json").write_text(json.dumps(other))
-        assert not is_shipped_training(tmp_path, "chest"), (part, key)
-    assert not is_shipped_training(tmp_path, "derm")  # no file
+        assert shipped_training_record(tmp_path, "chest") is None, (part, key)
+    assert shipped_training_record(tmp_path, "derm") is None  # no file

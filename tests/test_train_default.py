@@ -68,3 +68,6 @@ def test_train_default_retrains_only_the_named_concept_families(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "clinlens.cli", "train-default", "--concepts-only", "--families",
                           "lung", "--out", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "lung" in bad.stderr
+    clash = subprocess.run([sys.executable, "-m", "clinlens.cli", "train-default", "--region-only", "--families",
+                            "derm", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert clash.returncode == 2 and "--families" in clash.stderr

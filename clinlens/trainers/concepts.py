@@ -40,19 +40,21 @@ def csr_file(model_dir, family: str) -> Path:
     return Path(model_dir) / f"csr_{family}.safetensors"
 
 
-def is_shipped_training(model_dir, family: str, n_images: int = DEFAULTS["n_images"]) -> bool:
-    """Whether the CSR file of `family` in `model_dir` records (in its JSON summary) the training that
-    `train_concept_models_default` gives it today: `n_images` phantoms, seed 0, default steps, `SHIPPED` settings."""
+def shipped_training_record(model_dir, family: str, n_images: int = DEFAULTS["n_images"]) -> dict | None:
+    """The training record (from its JSON summary) of the CSR file of `family` in `model_dir` when it is the
+    training `train_concept_models_default` gives it today (`n_images` phantoms, seed 0, default steps, `SHIPPED`
+    settings, unpruned); None otherwise."""
     p = csr_file(model_dir, family).with_suffix(".json")
     if not p.is_file():
-        return False
+        return None
     info = json.loads(p.read_text())
     rec, cfg = info.get("training", {}), info.get("config", {})
     base = {"input_size": 224, "finetune_backbone": False}  # older files have no input_size
     have = {**base, **cfg, **{k: rec[k] for k in ("backbone_lr",) if k in rec}}
-    return (rec.get("command") == "clinlens train-default --concepts-only" and rec.get("images") == n_images
+    same = (rec.get("command") == "clinlens train-default --concepts-only" and rec.get("images") == n_images
             and rec.get("seed") == 0 and rec.get("steps") == DEFAULTS["steps"] and not rec.get("pruned")
             and all(have.get(k) == v for k, v in {**base, **SHIPPED.get(family, {})}.items()))
+    return rec if same else None
 
 
 def phantom_concept_items(family: str, seed: int, n: int, size: int = 224, drawn: bool = False) -> list[tuple]:
@@ -102,11 +104,15 @@ def encode(model: CSRModel, pixels: torch.Tensor, chunk: int = 32, fn=None) -> t
         return torch.cat([fn(pixels[i:i + chunk].to(model.device)).cpu() for i in range(0, len(pixels), chunk)])
 
 
+def _features(bundle, model: CSRModel, items, chunk: int = 32) -> torch.Tensor:
+    """Patch features (N, D, h, w) on the CPU of the items' images at the model input, without gradients."""
+    with torch.no_grad():
+        return torch.cat([model.features(pv).cpu() for _, pv in pixel_batches(bundle, items, chunk, model.image_size)])
+
+
 def _tensors(bundle, model: CSRModel, items, chunk: int = 32):
     """Cached features, concept labels, class labels (-1 = none), drawn-region masks at the model input."""
-    with torch.no_grad():
-        feats = [model.features(pv).cpu() for _, pv in pixel_batches(bundle, items, chunk, model.image_size)]
-    return (torch.cat(feats), *_targets(model, items))
+    return (_features(bundle, model, items, chunk), *_targets(model, items))
 
 
 def _targets(model: CSRModel, items):
