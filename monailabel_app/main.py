@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 
-from fastapi import HTTPException
+from fastapi import Body, Depends, HTTPException
 from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
@@ -151,7 +152,6 @@ class MyApp(MONAILabelApp):
 
     def on_init_complete(self):
         super().on_init_complete()
-        from fastapi import Body
         from monailabel.app import app as fastapi_app
 
         from clinlens.infer.http import install_error_handlers
@@ -168,3 +168,23 @@ class MyApp(MONAILabelApp):
 
         if not any(getattr(r, "path", None) == "/feedback" for r in fastapi_app.routes):
             fastapi_app.add_api_route("/feedback", put_feedback, methods=["PUT"], summary="Save clinician feedback")
+        self._check_train_options_first(fastapi_app)
+
+    def _check_train_options_first(self, fastapi_app):
+        """POST /train/<model>: a task with `parse(params)` checks its options before MONAI Label starts the
+        training subprocess, so a bad option is a 4xx naming it, not an ERROR status after the work. The
+        route goes in front of upstream's and hands everything on to it (same parameters and role)."""
+        from monailabel.endpoints import train as train_api
+
+        async def train_model(model: str, params: dict | None = Body(None), run_sync: bool | None = False,
+                              enqueue: bool | None = False,
+                              user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+            parse = getattr(self._trainers.get(model), "parse", None)
+            if parse is not None:
+                parse(params or {})
+            return train_api.run_model(model, params, run_sync, enqueue)
+
+        routes = fastapi_app.router.routes  # upstream's routers are nested: first match wins, so go first
+        if not any(getattr(getattr(r, "endpoint", None), "__name__", "") == "train_model" for r in routes):
+            fastapi_app.add_api_route("/train/{model}", train_model, methods=["POST"], include_in_schema=False)
+            routes.insert(0, routes.pop())

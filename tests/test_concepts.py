@@ -47,6 +47,9 @@ def test_concepts_explains_a_derm_classification(server):
         x0, y0, x1, y1 = p["evidence_box"]
         assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
         assert p["atlas"]["prototype_id"] == p["prototype_id"] and p["atlas"]["concept"] == p["concept"]
+        S = 224  # the derm model's input: the atlas box in fractions of its training image
+        assert p["atlas"]["box_relative"] == [round(v / S, 4) for v in p["atlas"]["box"]]
+        assert 0 <= min(p["atlas"]["box_relative"]) and max(p["atlas"]["box_relative"]) <= 1
     assert "image" in parts  # a thin labelmap, so stock Slicer does not crash on the answer
 
 
@@ -61,25 +64,42 @@ def test_clinician_boxes_and_rejected_concepts_change_the_reasoning(server):
     image = first(server, "derm")
     base, _ = concepts_json(server, image, {})
     top = base["concepts"][0]["concept"]
-    rej, _ = concepts_json(server, image, {"reject_concepts": [top]})
-    scores = {c["concept"]: c["score"] for c in rej["concepts"]}
-    assert scores[top] == 0 and all(p["concept"] != top for p in rej["prototypes"])
+    rej, _ = concepts_json(server, image, {"reject_concepts": [top.upper()]})  # names as in /feedback: any case
+    assert rej["concepts"][-1] == {"concept": top, "score": 0, "rejected": True}  # listed last, marked
+    assert all(p["concept"] != top for p in rej["prototypes"]) and len(rej["prototypes"]) == 5
     # a negative box over the whole image leaves no evidence anywhere: every concept at the lowest cosine
     H, W = sitk.GetArrayFromImage(sitk.ReadImage(str(_download(server, image)))).shape[:2]
-    neg, _ = concepts_json(server, image, {"boxes": [{"box": [0, 0, W, H], "polarity": "negative"}]})
+    whole = {"boxes": [{"box": [0, 0, W, H], "polarity": "negative"}]}
+    neg, _ = concepts_json(server, image, whole)
     assert all(c["score"] == -1 for c in neg["concepts"])
-    # Slicer's roi is a positive box: outside it evidence counts alpha times
-    pos, _ = concepts_json(server, image, {"roi": [0, W // 4, 0, H // 4, 0, 0], "alpha": 0.0})
-    for p in pos["prototypes"]:
-        x0, y0, x1, y1 = p["evidence_box"]
-        assert x0 < W // 4 + W // 14 and y0 < H // 4 + H // 14  # the evidence sits in the box's patches
+    # ... and a rejected concept (score 0, above -1) still does not lead the explanation
+    both, _ = concepts_json(server, image, {**whole, "reject_concepts": [top]})
+    assert both["concepts"][0]["concept"] != top and both["concepts"][-1]["concept"] == top
+    assert all(p["concept"] != top for p in both["prototypes"])
+    # Slicer's roi is a positive box: outside it evidence counts alpha times. The evidence box is where the
+    # score comes from: in the box's patches whenever the score beats what outside can give (2·alpha - 1)
+    for alpha in (0.0, 0.2):
+        pos, _ = concepts_json(server, image, {"roi": [0, W // 4, 0, H // 4, 0, 0], "alpha": alpha,
+                                               "top_prototypes": 24})
+        inside = [p for p in pos["prototypes"] if p["score"] > 2 * alpha - 1]
+        assert inside
+        for p in inside:
+            x0, y0, x1, y1 = p["evidence_box"]
+            assert x0 < W // 4 + W // 14 and y0 < H // 4 + H // 14, (alpha, p)  # the evidence sits in the box's patches
 
 
 @pytest.mark.parametrize("params,words", [
     ({"reject_concepts": ["unicorn"]}, "unknown concept"),
+    ({"reject_concepts": 5}, "'reject_concepts' must be a list of concept names"),
     ({"alpha": 2}, "'alpha' must be in [0, 1]"),
-    ({"boxes": [{"box": [5, 5, 5, 9], "polarity": "positive"}]}, "empty or outside"),
-    ({"boxes": [{"box": [0, 0, 4, 4], "polarity": "sideways"}]}, "bad box"),
+    ({"alpha": "nan"}, "'alpha' must be a finite number"),
+    ({"boxes": [{"box": [5, 5, 5, 9], "polarity": "positive"}]}, "is empty"),
+    ({"boxes": [{"box": [0, 0, 100_000, 9]}]}, "lies outside the image"),
+    ({"boxes": [{"box": [0, 0, 4, 4], "polarity": "sideways"}]}, "polarity must be one of"),
+    ({"boxes": [{"box": [0, 0, 4, 4], "polarity": None}]}, "polarity must be one of"),
+    ({"boxes": [{"box": ["a", 0, 4, 4]}]}, "4 finite numbers"),
+    ({"boxes": [{"box": [None, 0, 4, 4]}]}, "4 finite numbers"),
+    ({"boxes": [[0, 0, 4, 4]]}, "each box must be"),
     ({"top_prototypes": "many"}, "'top_prototypes' must be a number"),
 ])
 def test_concepts_bad_input(server, params, words):
@@ -304,3 +324,97 @@ def test_the_shipped_csr_files_record_the_training_train_default_gives_them(tmp_
         csr_file(tmp_path, "chest").with_suffix(".json").write_text(json.dumps(other))
         assert shipped_training_record(tmp_path, "chest") is None, (part, key)
     assert shipped_training_record(tmp_path, "derm") is None  # no file
+
+
+def _dx_copy(path):
+    """A real single-frame DICOM slice (pydicom's CT_small) relabelled as a radiograph (Modality DX)."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Modality = "DX"
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):  # its own study, not CT_small's
+        setattr(ds, key, pydicom.uid.generate_uid(entropy_srcs=["clinlens dx", key]))
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(str(path))
+    return path
+
+
+def test_a_single_frame_radiograph_reads_as_chest_and_a_ct_slice_as_ct(tmp_path):
+    """The image family (and so the vocabulary and models) of one-slice images: a DICOM radiograph loads as a
+    (1, H, W) volume, as it comes from a DICOMweb study, and must not be read as CT."""
+    from pydicom.data import get_testdata_file
+
+    from clinlens.data.image_io import load_image
+    from clinlens.infer.base import family_of
+
+    ct = load_image(get_testdata_file("CT_small.dcm"))
+    dx = load_image(_dx_copy(tmp_path / "dx.dcm"))
+    assert ct.spatial_shape == dx.spatial_shape and len(dx.spatial_shape) == 3 and dx.spatial_shape[0] == 1
+    assert (ct.modality, family_of(ct)) == ("CT", "ct") and (dx.modality, family_of(dx)) == ("DX", "chest")
+    one = tmp_path / "one.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 32, 40), np.int16)), str(one))
+    many = tmp_path / "many.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 32, 40), np.int16)), str(many))
+    assert family_of(load_image(one)) == "chest" and family_of(load_image(many)) == "ct"  # no modality: by depth
+
+
+def test_concepts_on_an_uploaded_dicom_radiograph_uses_the_chest_vocabulary(server, tmp_path):
+    dx = _dx_copy(tmp_path / "dx.dcm")
+    r = requests.post(f"{server.url}/infer/concepts", params={"output": "all"},
+                      files={"file": ("dx.dcm", dx.read_bytes()), "params": (None, "{}")})
+    assert r.status_code == 200, r.text
+    res = json.loads(read_multipart(r)["params"].content)
+    from clinlens.trainers.concepts import CSR_FAMILIES
+
+    assert {c["concept"] for c in res["concepts"]} == set(CSR_FAMILIES["chest"][0])
+    assert {c["class"] for c in res["classes"]} == set(CSR_FAMILIES["chest"][1])
+
+
+@pytest.mark.parametrize("params,words", [
+    ({"prune": {"derm": [99_999]}}, "'prune.derm': prototype id(s) [99999] do not exist"),
+    ({"prune": {"mri": [1]}}, "unknown image family 'mri'"),
+    ({"prune": [0, 1]}, "'prune' must be {family: [prototype ids]}"),
+    ({"prune": '{"derm": ["x"]}'}, "'prune.derm' must be a list of integer prototype ids"),
+    ({"steps": "many"}, "'steps' must be a number"),
+    ({"backbone": "thaw"}, "'backbone' must be one of"),
+])
+def test_bad_train_options_are_refused_before_training_starts(server, params, words):
+    runs = lambda: requests.get(f"{server.url}/train/", params={"all": True}).json()  # noqa: E731
+    before = runs()
+    r = requests.post(f"{server.url}/train/concepts", json=params)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text
+    assert runs() == before  # no training was started
+    assert_still_serving(server)
+
+
+def test_a_volume_trains_on_its_most_drawn_slice(studies, tmp_path):
+    """CT volumes feed the concepts train task: the axial slice where their concept-named segments have the most
+    voxels (as inference reads a slice); a volume with no such segment is skipped and named; a one-slice DICOM
+    radiograph trains as a chest image."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from clinlens.data.studies import LABELS
+    from clinlens.trainers.concepts_task import datastore_items
+
+    root = tmp_path / "studies"
+    shutil.copytree(studies, root)
+    _dx_copy(root / "dx.dcm")
+    ds = LocalDatastore(str(root), extensions=["*.png", "*.nii.gz", "*.dcm"], auto_reload=False)
+    cts = sorted(i for i in ds.list_images() if i.startswith("ct"))
+    labelled = set(ds.get_labeled_images())
+    assert any(i in labelled for i in cts) and any(i not in labelled for i in cts)
+    ds.update_image_info("dx", {"diagnosis": "normal"})
+    skipped = []
+    items = datastore_items(ds, LABELS, skipped=skipped)
+    assert sorted(skipped) == sorted(i for i in cts if i not in labelled)
+    assert [it[0] for it in items["chest"] if it[0] == "dx"] == ["dx"]
+    for i in (i for i in cts if i in labelled):
+        vol = sitk.GetArrayFromImage(sitk.ReadImage(ds.get_image_uri(i)))
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(ds.get_label_uri(i, "final")))
+        k = int((lab > 0).sum((1, 2)).argmax())
+        it = next(it for it in items["ct"] if it[0] == i)
+        assert it[1].shape[:2] == vol.shape[1:] and it[4]
+        for name, mask in it[4].items():
+            assert it[2][name] == 1 and mask.shape == vol.shape[1:]
+            assert np.array_equal(mask, lab[k] == LABELS[name])  # the drawn region of that very slice

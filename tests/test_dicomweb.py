@@ -118,6 +118,29 @@ def test_real_pydicom_ct_series_over_dicomweb(dw, tmp_path):
     assert 400 <= r.status_code < 500 and "outside the image" in r.text
 
 
+def test_ohif_concept_regions_on_a_ct_series_and_a_dicom_radiograph(dw, tmp_path):
+    """OHIF lists `concept_regions` (a segmentation): on the CT series it answers with the CT vocabulary, a
+    labelmap on the volume's grid with regions on one slice; on a single-frame DX radiograph from the same
+    DICOMweb server, with the chest vocabulary (a one-frame series must not be read as CT)."""
+    from test_concepts import _dx_copy
+
+    from clinlens.trainers.concepts import CSR_FAMILIES
+
+    dx = _dx_copy(tmp_path / "dx.dcm")
+    dw.orthanc.store([dx])
+    dx_uid = pydicom.dcmread(dx, stop_before_pixels=True).SeriesInstanceUID
+    for uid, family, shape in ((dw.ct_uid, "ct", (24, 96, 128)), (dx_uid, "chest", (1, 128, 128))):
+        r = ohif_post(f"{dw.url}/infer/concept_regions?image={uid}&output=image", {**OHIF, "top_concepts": 6})
+        assert r.status_code == 200, r.text
+        lab = nrrd_mask(r.content, tmp_path)
+        assert lab.shape == shape and lab.any(), family
+        assert lab.any(axis=(1, 2)).sum() == 1  # one slice's evidence
+        r = ohif_post(f"{dw.url}/infer/concept_regions?image={uid}&output=json", {**OHIF, "top_concepts": 6})
+        assert r.status_code == 200, r.text
+        regions = r.json()["regions"]
+        assert regions and {g["concept"] for g in regions} <= set(CSR_FAMILIES[family][0]), (family, regions)
+
+
 def test_unknown_series_is_a_404(dw):
     r = ohif_post(f"{dw.url}/infer/region_seg_3d?image=1.2.3.4.5&output=image", {"foreground": [[1, 1, 1]], **OHIF})
     assert r.status_code == 404 and "1.2.3.4.5" in r.text

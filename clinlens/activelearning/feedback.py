@@ -13,15 +13,13 @@ Feedback lives in the image info under `FEEDBACK_KEY`; the train tasks read it f
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
-from clinlens.data.conventions import RequestError
+from clinlens.data.conventions import RequestError, name_list, parse_box
 
 FEEDBACK_KEY = "feedback"
 SEGMENTS_KEY = "segments"
 FIELDS = ("reject_concepts", "boxes", "corrected_class", "pruned_prototypes")
-POLARITIES = ("positive", "negative")
 
 
 def canonical_name(name: str, vocabulary: Sequence[str]) -> str | None:
@@ -42,44 +40,6 @@ def map_segments(names: dict[int, str], vocabulary: Sequence[str]) -> dict:
     return {"segments": segs, "unknown": [s["name"] for s in segs if s["maps_to"] is None]}
 
 
-def _names(value, field: str, allowed: Sequence[str], what: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise RequestError(f"feedback '{field}' must be a list of {what} names")
-    out = [v.strip().lower() for v in value]
-    bad = sorted(set(out) - set(allowed))
-    if bad:
-        raise RequestError(f"feedback '{field}': unknown {what}(s) {bad}; known: {list(allowed)}")
-    return sorted(set(out))
-
-
-def _box(entry, hw) -> dict:
-    if not isinstance(entry, dict) or "box" not in entry:
-        raise RequestError('each feedback box must be {"box": [x0, y0, x1, y1], "polarity": "positive"|"negative"}')
-    pol = entry.get("polarity", "positive")
-    if pol not in POLARITIES:
-        raise RequestError(f"box polarity must be one of {POLARITIES}, got {pol!r}")
-    b = entry["box"]
-    if (not isinstance(b, (list, tuple)) or len(b) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
-        raise RequestError(f"a box is 4 finite numbers [x0, y0, x1, y1] in pixels, got {b!r}")
-    x0, y0, x1, y1 = (float(v) for v in b)
-    if not (x0 < x1 and y0 < y1):
-        raise RequestError(f"box {list(b)} is empty (need x0 < x1 and y0 < y1)")
-    if hw is not None:
-        h, w = hw
-        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            raise RequestError(f"box {list(b)} lies outside the image ({w} x {h} px)")
-    out = {"box": [x0, y0, x1, y1], "polarity": pol}
-    if "slice" in entry:
-        z = entry["slice"]
-        if not isinstance(z, int) or isinstance(z, bool) or z < 0:
-            raise RequestError(f"box slice must be a non-negative integer, got {z!r}")
-        out["slice"] = z
-    return out
-
-
 def validate_feedback(payload, concepts: Sequence[str], classes: Sequence[str], hw=None,
                       prototype_ids: Iterable[int] | None = None) -> dict:
     """The normalised feedback, or RequestError naming the first problem. `hw` bounds the boxes
@@ -91,25 +51,30 @@ def validate_feedback(payload, concepts: Sequence[str], classes: Sequence[str], 
         raise RequestError(f"unknown feedback field(s) {extra}; allowed: {list(FIELDS)}")
     out: dict = {}
     if "reject_concepts" in payload:
-        out["reject_concepts"] = _names(payload["reject_concepts"], "reject_concepts", concepts, "concept")
+        out["reject_concepts"] = name_list(payload["reject_concepts"], "reject_concepts", concepts, "concept")
     if "boxes" in payload:
         if not isinstance(payload["boxes"], list):
             raise RequestError("feedback 'boxes' must be a list")
-        out["boxes"] = [_box(b, hw) for b in payload["boxes"]]
+        out["boxes"] = [parse_box(b, hw) for b in payload["boxes"]]
     if "corrected_class" in payload:
-        out["corrected_class"] = _names(payload["corrected_class"], "corrected_class", classes, "class")[0]
+        out["corrected_class"] = name_list(payload["corrected_class"], "corrected_class", classes, "class")[0]
     if "pruned_prototypes" in payload:
-        ids = payload["pruned_prototypes"]
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise RequestError("feedback 'pruned_prototypes' must be a list of integer prototype ids")
-        known = None if prototype_ids is None else {int(i) for i in prototype_ids}
-        bad = sorted(i for i in ids if i < 0 or (known is not None and i not in known))
-        if bad:
-            raise RequestError(f"prototype id(s) {bad} do not exist"
-                               + (f" (the model has {len(known)} prototypes, ids {min(known)}..{max(known)})"
-                                  if known else ""))
-        out["pruned_prototypes"] = sorted(set(ids))
+        out["pruned_prototypes"] = prototype_id_list(payload["pruned_prototypes"], "pruned_prototypes", prototype_ids)
     return out
+
+
+def prototype_id_list(ids, field: str, prototype_ids: Iterable[int] | None = None) -> list[int]:
+    """A list of integer prototype ids, each one the model has (`prototype_ids`; None: not checked) ->
+    sorted unique ids, or a RequestError naming `field` and the ids that do not exist."""
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise RequestError(f"'{field}' must be a list of integer prototype ids, got {ids!r}")
+    known = None if prototype_ids is None else {int(i) for i in prototype_ids}
+    bad = sorted(i for i in ids if i < 0 or (known is not None and i not in known))
+    if bad:
+        raise RequestError(f"'{field}': prototype id(s) {bad} do not exist"
+                           + (f" (the model has {len(known)} prototypes, ids {min(known)}..{max(known)})"
+                              if known else ""))
+    return sorted(set(ids))
 
 
 def merge_feedback(old: dict | None, new: dict) -> dict:

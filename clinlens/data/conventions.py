@@ -5,6 +5,8 @@
 - Slicer's `roi` is `[i0, i1, j0, j1, k0, k1]`: interleaved min/max pairs that may be unsorted.
   It is normalised to sorted, half-open pairs per axis.
 - 2D models get `slice: k` from Slicer; points of other slices are errors, not silently dropped.
+- Pixel boxes (`boxes`, feedback) are `{"box": [x0, y0, x1, y1], "polarity": "positive" | "negative"}`
+  on the 2D plane, half-open (x = column), `parse_box`.
 - `ResizeMap` maps pixel coordinates to a model grid and masks back (pixel centres aligned).
 - `OrientationMap` maps indices through a reorientation by way of physical space.
 
@@ -13,6 +15,7 @@ it into a 4xx.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +36,8 @@ def number_option(request: dict, key: str, default, kind=float, lo=None, hi=None
         x = kind(value)
     except (TypeError, ValueError):
         raise RequestError(f"'{key}' must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise RequestError(f"'{key}' must be a finite number, got {value!r}")
     if (lo is not None and x < lo) or (hi is not None and x > hi):
         raise RequestError(f"'{key}' must be in [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}], got {x}")
     return x
@@ -47,6 +52,51 @@ def choice_option(request: dict, key: str, default, choices=None):
     if choices is not None and value not in choices:
         raise RequestError(f"'{key}' must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def name_list(value, field: str, allowed, what: str) -> list[str]:
+    """A name or list of names (case and outer spaces ignored), each in `allowed` -> sorted unique
+    lower-case names, or a RequestError naming the field and the unknown names."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise RequestError(f"'{field}' must be a list of {what} names, got {value!r}")
+    out = [v.strip().lower() for v in value]
+    bad = sorted(set(out) - set(allowed))
+    if bad:
+        raise RequestError(f"'{field}': unknown {what}(s) {bad}; known: {list(allowed)}")
+    return sorted(set(out))
+
+
+POLARITIES = ("positive", "negative")
+
+
+def parse_box(entry, hw=None) -> dict:
+    """`{"box": [x0, y0, x1, y1], "polarity": ...(, "slice": k)}` -> the same normalised (floats, polarity
+    "positive" when left out), or a RequestError. `hw` = (H, W) of the plane bounds the box (None: not checked)."""
+    if not isinstance(entry, dict) or "box" not in entry:
+        raise RequestError(f'each box must be {{"box": [x0, y0, x1, y1], "polarity": "positive"|"negative"}}, got {entry!r}')
+    pol = entry.get("polarity", "positive")
+    if pol not in POLARITIES:
+        raise RequestError(f"box polarity must be one of {POLARITIES}, got {pol!r}")
+    b = entry["box"]
+    if (not isinstance(b, (list, tuple)) or len(b) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b)):
+        raise RequestError(f"a box is 4 finite numbers [x0, y0, x1, y1] in pixels, got {b!r}")
+    x0, y0, x1, y1 = (float(v) for v in b)
+    if not (x0 < x1 and y0 < y1):
+        raise RequestError(f"box {list(b)} is empty (need x0 < x1 and y0 < y1)")
+    if hw is not None:
+        h, w = hw
+        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+            raise RequestError(f"box {list(b)} lies outside the image ({w} x {h} px)")
+    out = {"box": [x0, y0, x1, y1], "polarity": pol}
+    if "slice" in entry:
+        z = entry["slice"]
+        if not isinstance(z, int) or isinstance(z, bool) or z < 0:
+            raise RequestError(f"box slice must be a non-negative integer, got {z!r}")
+        out["slice"] = z
+    return out
 
 
 def ijk_to_index(point) -> tuple[int, ...]:

@@ -37,6 +37,7 @@ class LoadedImage:
     ref: sitk.Image  # geometry reference (spacing, origin, direction)
     path: str
     is_rgb: bool
+    modality: str = ""  # DICOM Modality (0008,0060) where the image is DICOM, else ""
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -49,17 +50,20 @@ class LoadedImage:
         return tuple(reversed(self.spatial_shape))
 
 
-def _read(path: str) -> sitk.Image:
+def _read(path: str) -> tuple[sitk.Image, str]:
+    """(image, DICOM modality or "")."""
     import SimpleITK as sitk
 
     if os.path.isdir(path):
         from clinlens.data.dicom_io import read_series, to_sitk
 
         try:
-            return to_sitk(*read_series(path))
+            vol, geom = read_series(path)
         except ValueError as e:
             raise RequestError(f"folder {os.path.basename(path)}: {e}") from e
-    return sitk.ReadImage(path)
+        return to_sitk(vol, geom), geom.get("modality", "")
+    img = sitk.ReadImage(path)
+    return img, (img.GetMetaData("0008|0060").strip() if img.HasMetaDataKey("0008|0060") else "")
 
 
 def load_image(path: str | os.PathLike) -> LoadedImage:
@@ -70,14 +74,14 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     if not path or not os.path.exists(path):
         raise RequestError(f"image file not found: {path!r}", status=404)
     try:
-        img = _read(path)
+        img, modality = _read(path)
     except RuntimeError as e:
         raise RequestError(f"{os.path.basename(path)} is not a readable image ({str(e).strip().splitlines()[-1][:200]})") from e
     arr = sitk.GetArrayFromImage(img)
     is_rgb = img.GetNumberOfComponentsPerPixel() > 1
     if is_rgb and arr.shape[-1] == 4:
         arr = arr[..., :3]
-    return LoadedImage(array=arr, ref=img, path=path, is_rgb=is_rgb)
+    return LoadedImage(array=arr, ref=img, path=path, is_rgb=is_rgb, modality=modality)
 
 
 def write_label(mask: np.ndarray, like: LoadedImage, ext: str | None = None, out_path: str | None = None) -> str:

@@ -40,11 +40,21 @@ class ImageCache:
         return img
 
 
+XRAY_MODALITIES = ("CR", "DX", "RG")  # DICOM projection radiography
+
+
 def family_of(image: LoadedImage) -> str:
-    """Which vocabulary fits an image: RGB 2D -> "derm", a volume -> "ct", grey 2D -> "chest"."""
+    """Which vocabulary fits an image: RGB -> "derm"; a radiograph (DICOM CR/DX/RG, or a grey 2D image,
+    or a one-slice volume with no DICOM modality, e.g. a (1, H, W) NIfTI) -> "chest"; any other volume
+    (a DICOM CT or MR, even of one slice) -> "ct"."""
     if image.is_rgb:
         return "derm"
-    return "ct" if len(image.spatial_shape) == 3 else "chest"
+    if image.modality in XRAY_MODALITIES:
+        return "chest"
+    shape = image.spatial_shape
+    if len(shape) == 3 and (shape[0] > 1 or image.modality):
+        return "ct"
+    return "chest"
 
 
 def upload_path(request) -> str | None:

@@ -1,7 +1,8 @@
 """CSR infer tasks (methods.md §2): thin adapters over `CSRModel`.
 
-- `concepts` (classification): class probabilities, per-concept scores and the top prototypes with
-  their atlas references and evidence boxes. Honours Slicer's `roi` (a positive box), a `boxes` list
+- `concepts` (classification): class probabilities, per-concept scores (rejected concepts last, marked
+  `rejected`) and the top prototypes with their atlas references (the training image and box, also as
+  fractions of that image: `box_relative`) and evidence boxes (where the score's maximum lies). Honours Slicer's `roi` (a positive box), a `boxes` list
   ([{"box": [x0, y0, x1, y1], "polarity": "positive" | "negative"}], image pixels, half-open),
   `reject_concepts` and `alpha`. A thin frame labelmap named after the top class comes back too
   (stock Slicer crashes on JSON-only replies).
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from clinlens.data.conventions import RequestError, number_option, parse_prompts, place_2d, slice_2d
+from clinlens.data.conventions import (RequestError, name_list, number_option, parse_box, parse_prompts, place_2d,
+                                       slice_2d)
 from clinlens.data.image_io import to_unit_rgb
 from clinlens.infer.base import ClinlensInfer, family_of
 from clinlens.infer.zeroshot import frame_mask
@@ -70,7 +72,7 @@ def LazyPromptLearner(clip, model_dir) -> LazyFamilyModel:
 
 
 def _boxes(request, hw, S: int, roi) -> tuple[list, list]:
-    """Positive/negative boxes on the model input (pixels, half-open) from `roi` and `boxes`."""
+    """Positive/negative boxes on the model input (pixels, half-open) from `roi` and `boxes` (`parse_box`)."""
     H, W = hw
     sx, sy = S / W, S / H
     pos, neg = [], []
@@ -80,17 +82,18 @@ def _boxes(request, hw, S: int, roi) -> tuple[list, list]:
     if not isinstance(items, list):
         raise RequestError("'boxes' must be a list of {\"box\": [x0, y0, x1, y1], \"polarity\": ...}")
     for it in items:
-        box = it.get("box") if isinstance(it, dict) else None
-        pol = (it.get("polarity") or "positive") if isinstance(it, dict) else None
-        if not isinstance(box, (list, tuple)) or len(box) != 4 or pol not in ("positive", "negative"):
-            raise RequestError(f"bad box {it!r}: want {{\"box\": [x0, y0, x1, y1], \"polarity\": "
-                               "\"positive\" | \"negative\"}")
-        x0, y0, x1, y1 = (float(v) for v in box)
-        if not (0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H):
-            raise RequestError(f"box {list(box)} is empty or outside the image of size [{W}, {H}] (x, y)")
-        (pos if pol == "positive" else neg).append([x0, y0, x1, y1])
+        b = parse_box(it, hw)
+        (pos if b["polarity"] == "positive" else neg).append(b["box"])
     scale = lambda b: [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy]  # noqa: E731
     return [scale(b) for b in pos], [scale(b) for b in neg]
+
+
+def _atlas_entry(entry: dict | None, S: int) -> dict | None:
+    """An atlas entry with `box_relative`: its box (model-input pixels, training images are resized to S x S)
+    as fractions [x0, y0, x1, y1] of that training image's width and height, to draw on the image itself."""
+    if entry is None:
+        return None
+    return {**entry, "box_relative": [round(v / S, 4) for v in entry["box"]]}
 
 
 class _ConceptTask(ClinlensInfer):
@@ -103,12 +106,8 @@ class _ConceptTask(ClinlensInfer):
         p = parse_prompts(request, image.size_ijk, dimension=2)
         plane = slice_2d(image.array, p.slice, image.is_rgb)
         model = self.csr.get(family_of(image))
-        reject = request.get("reject_concepts") or []
-        if isinstance(reject, str):
-            reject = [reject]
-        unknown = [c for c in reject if c not in model.concepts]
-        if unknown:
-            raise RequestError(f"unknown concept(s) {unknown} in 'reject_concepts'; this model knows {model.concepts}")
+        raw = request.get("reject_concepts")
+        reject = [] if raw in (None, "", []) else name_list(raw, "reject_concepts", model.concepts, "concept")
         alpha = number_option(request, "alpha", model.config["alpha"], float, 0, 1)
         pos, neg = _boxes(request, plane.shape[:2], model.image_size, p.roi)
         bundle = self.csr.clip.get()
@@ -119,9 +118,9 @@ class _ConceptTask(ClinlensInfer):
 
     @staticmethod
     def evidence_box(model, out, j: int, hw) -> list[int]:
-        """Image-pixel box of the patch where prototype column `j` is most similar (after A)."""
+        """Image-pixel box of the patch where prototype column `j`'s score comes from (its evidence map's peak)."""
         h, w = model.grid
-        m = (out["sim_maps"][0, j] * out["importance"][0, 0]).flatten()
+        m = model.evidence_maps(out["sim_maps"][0, j], out["importance"][0, 0]).flatten()
         r, c = divmod(int(m.argmax()), w)
         H, W = hw
         return [int(c * W / w), int(r * H / h), int(np.ceil((c + 1) * W / w)), int(np.ceil((r + 1) * H / h))]
@@ -141,20 +140,23 @@ class ConceptsInfer(_ConceptTask):
         pscore = out["proto_scores"][0].float().cpu().numpy()
         atlas = {e["prototype_id"]: e for e in model.atlas}
         top = number_option(request, "top_prototypes", self._config["top_prototypes"], int, 0)
+        keep = out["keep"].cpu().numpy() > 0
+        rejected = {model.concepts[int(model.proto_concept[j])] for j in np.flatnonzero(~keep)}
         protos = []
-        for j in np.argsort(-pscore)[:top]:
+        for j in [j for j in np.argsort(-pscore) if keep[j]][:top]:  # a rejected concept is no evidence
             pid = int(model.proto_ids[j])
             protos.append({"prototype_id": pid, "concept": model.concepts[int(model.proto_concept[j])],
                            "score": round(float(pscore[j]), 4),
                            "evidence_box": self.evidence_box(model, out, int(j), plane.shape[:2]),
-                           "atlas": atlas.get(pid)})
+                           "atlas": _atlas_entry(atlas.get(pid), model.image_size)})
         order = np.argsort(-probs)
         classes = [{"class": model.classes[i], "probability": round(float(probs[i]), 4)} for i in order]
         label = f"{classes[0]['class']} {classes[0]['probability']:.2f}"
-        result = {"label_names": {label: 1}, "classes": classes,
-                  "concepts": sorted(({"concept": c, "score": round(float(s), 4)} for c, s in zip(model.concepts, cscore)),
-                                     key=lambda d: -d["score"]),
-                  "prototypes": protos, "latencies": {"model_ms": round(1000 * (time.perf_counter() - t0), 1)}}
+        concepts = [{"concept": c, "score": round(float(s), 4), **({"rejected": True} if c in rejected else {})}
+                    for c, s in zip(model.concepts, cscore)]
+        concepts.sort(key=lambda d: ("rejected" in d, -d["score"]))  # rejected ones last, whatever their score
+        result = {"label_names": {label: 1}, "classes": classes, "concepts": concepts, "prototypes": protos,
+                  "latencies": {"model_ms": round(1000 * (time.perf_counter() - t0), 1)}}
         return place_2d(frame_mask(plane.shape[:2]), image.spatial_shape, k), result
 
 
@@ -177,7 +179,7 @@ class ConceptRegionsInfer(_ConceptTask):
             if not len(cols) or cscore[ci] <= 0:
                 continue
             j = int(cols[out["proto_scores"][0, cols].argmax()])
-            m = (out["sim_maps"][0, j] * out["importance"][0, 0]).float()
+            m = model.evidence_maps(out["sim_maps"][0, j], out["importance"][0, 0]).float()
             up = F.interpolate(m[None, None].cpu(), size=(H, W), mode="bilinear", align_corners=False)[0, 0].numpy()
             region = (up >= level * up.max()) & (lab == 0)
             if not region.any():

@@ -416,13 +416,17 @@ class CSRModel(nn.Module):
         return box_importance(pos_boxes, neg_boxes, alpha, batch, self.image_size, self.grid, self.device)
 
     @staticmethod
-    def scores_from_maps(sim_maps: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
-        """`s_km = max_hw (A ⊙ (S_km + 1)) − 1` -> (B, P): A weights the cosine shifted to [0, 2], so A = 0
-        means "no evidence" (cosine −1). Weighting the raw cosine, as written in the paper, would raise
-        negative similarities towards 0 outside the focus (most of a map is negative)."""
-        if importance is None:
-            return sim_maps.flatten(2).amax(-1)
-        return ((sim_maps + 1) * importance).flatten(2).amax(-1) - 1
+    def evidence_maps(sim_maps: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """`A ⊙ (S_km + 1) − 1` (B, P, h, w): A weights the cosine shifted to [0, 2], so A = 0 means
+        "no evidence" (cosine −1). Weighting the raw cosine, as written in the paper, would raise
+        negative similarities towards 0 outside the focus (most of a map is negative). Scores, evidence
+        boxes and evidence regions all read this map."""
+        return sim_maps if importance is None else (sim_maps + 1) * importance - 1
+
+    @classmethod
+    def scores_from_maps(cls, sim_maps: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        """`s_km = max_hw (A ⊙ (S_km + 1)) − 1` -> (B, P), the maxima of `evidence_maps`."""
+        return cls.evidence_maps(sim_maps, importance).flatten(2).amax(-1)
 
     def concept_scores(self, proto_scores: torch.Tensor) -> torch.Tensor:
         """(B, P) -> (B, K): each concept's best prototype (0 for a concept without prototypes)."""
@@ -444,7 +448,8 @@ class CSRModel(nn.Module):
         """Inference. Pass `pixel_values` (B, 3, S, S) or cached `features` (B, D, h, w).
 
         Returns cams, concept_logits (stage 1), sim_maps (B, P, h, w; before A), importance (B, 1, h, w),
-        proto_scores (B, P) and concept_scores (B, K) (after A and rejection), and logits (B, C).
+        proto_scores (B, P) and concept_scores (B, K) (after A and rejection), keep (P,) (0 for the prototypes
+        of rejected concepts), and logits (B, C).
         """
         feats = self.features(pixel_values) if features is None else features.to(self.device)
         b = feats.shape[0]
@@ -460,7 +465,7 @@ class CSRModel(nn.Module):
             head_in = scores + self.box_shift(self.scores_from_maps(maps), scores, keep) * focus[:, None]
         return {"cams": cams, "concept_logits": self.pool_cams(cams), "sim_maps": maps, "importance": imp,
                 "proto_scores": scores * keep, "concept_scores": self.concept_scores(scores * keep),
-                "head_scores": head_in * keep, "logits": (head_in * keep) @ self.task_w.T + self.task_b}
+                "head_scores": head_in * keep, "keep": keep, "logits": (head_in * keep) @ self.task_w.T + self.task_b}
 
     @staticmethod
     def box_shift(unboxed: torch.Tensor, boxed: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,15 @@ its own copy of the CLIP vision tower, trained at `backbone_lr` and saved with i
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from clinlens.activelearning.feedback import FEEDBACK_KEY, canonical_name, pruned_by_family
-from clinlens.data.conventions import choice_option, number_option
+from clinlens.activelearning.feedback import FEEDBACK_KEY, canonical_name, prototype_id_list, pruned_by_family
+from clinlens.data.conventions import RequestError, choice_option, number_option
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import family_of
 from clinlens.trainers.concepts import CSR_FAMILIES, DEFAULTS, csr_file, train_csr
@@ -37,31 +38,53 @@ from clinlens.trainers.region_task import label_names
 from clinlens.trainers.task import StatsTrainTask
 
 
-def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = None) -> dict[str, list]:
+def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = None,
+                    skipped: list | None = None) -> dict[str, list]:
     """family -> [(image id, image, concepts, class, drawn regions)] from image info and final labels.
 
     Segments named after a concept are drawn regions of it; a segment named `keep_region` (any name,
-    e.g. "text marker", case-insensitive) is kept under that name for firing-map pruning."""
+    e.g. "text marker", case-insensitive) is kept under that name for firing-map pruning. A volume
+    trains on one axial slice, as inference reads one: the slice with the most voxels of its
+    concept-named segments (a one-slice volume, e.g. a DICOM radiograph, on its only slice). A volume
+    with no such segment says nothing about where its concepts are; its id goes to `skipped`."""
     out = defaultdict(list)
     labelled = set(datastore.get_labeled_images())
     for i in datastore.list_images():
         info = datastore.get_image_info(i) or {}
         im = load_image(datastore.get_image_uri(i))
-        if len(im.spatial_shape) != 2:
-            continue  # volumes: a chosen slice at inference; training takes 2D images
         fam = family_of(im)
         vocab = CSR_FAMILIES[fam][0]
         concepts = {k: int(v) for k, v in (info.get("concepts") or {}).items() if k in vocab}
-        drawn = {}
+        plane, lab, segs, marker = im.array, None, {}, {}
         if i in labelled:
-            lab = np.squeeze(load_image(datastore.get_label_uri(i, "final")).array)
+            lab = load_image(datastore.get_label_uri(i, "final")).array
             for seg, idx in label_names(datastore.get_label_info(i, "final"), fallback_labels).items():
                 name = canonical_name(seg, vocab)
-                if name is not None and (lab == idx).any():
-                    drawn[name] = lab == idx
+                if name is not None:
+                    segs[name] = idx
+                elif keep_region and seg.strip().lower() == keep_region:
+                    marker[keep_region] = idx
+        if len(im.spatial_shape) == 3 and not im.is_rgb:
+            if lab is not None and lab.shape != im.spatial_shape:
+                lab = None  # not this volume's labelmap: nothing can be read off it
+            if im.spatial_shape[0] == 1:
+                k = 0
+            else:
+                per_slice = np.isin(lab, list(segs.values())).sum((1, 2)) if lab is not None and segs else np.zeros(1)
+                if not per_slice.any():
+                    if skipped is not None:
+                        skipped.append(i)
+                    continue
+                k = int(per_slice.argmax())
+            plane, lab = plane[k], None if lab is None else lab[k]
+        elif lab is not None:
+            lab = np.squeeze(lab)
+        drawn = {}
+        for name, idx in {**marker, **segs}.items():
+            if lab is not None and (lab == idx).any():
+                drawn[name] = lab == idx
+                if name in segs:
                     concepts[name] = 1
-                elif keep_region and seg.strip().lower() == keep_region and (lab == idx).any():
-                    drawn[keep_region] = lab == idx
         fb = info.get(FEEDBACK_KEY) or {}
         for name in fb.get("reject_concepts", []):
             if name in vocab:
@@ -69,7 +92,7 @@ def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = 
                 drawn.pop(name, None)
         dx = fb.get("corrected_class") or info.get("diagnosis")
         if concepts or drawn or dx:
-            out[fam].append((i, to_unit_rgb(im.array), concepts, dx, drawn))
+            out[fam].append((i, to_unit_rgb(plane), concepts, dx, drawn))
     return dict(out)
 
 
@@ -89,6 +112,29 @@ def stored_pruning(datastore, csr) -> dict[str, list[int]]:
     return out
 
 
+def parse_prune(raw, csr) -> dict[str, list[int]]:
+    """The train option `prune`: {family: [prototype ids]} (a dict, or its JSON text as Slicer's option
+    field sends it), each id one the family's current model (`LazyCSR`) has -> the same, or a RequestError."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raw = None
+    if not isinstance(raw, dict):
+        raise RequestError(f"'prune' must be {{family: [prototype ids]}}, e.g. {{\"derm\": [3, 7]}}; got {raw!r}")
+    out = {}
+    for fam, ids in raw.items():
+        if fam not in CSR_FAMILIES:
+            raise RequestError(f"'prune': unknown image family {fam!r}; families: {list(CSR_FAMILIES)}")
+        if not csr.path(fam).is_file():
+            raise RequestError(f"'prune': there is no {fam} concept model to prune yet", status=409)
+        out[fam] = prototype_id_list([ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids,
+                                     f"prune.{fam}", csr.get(fam).proto_ids.tolist())
+    return {f: ids for f, ids in out.items() if ids}
+
+
 BACKBONE_CHOICES = ("keep", "fine-tune")
 
 
@@ -104,25 +150,37 @@ class ConceptsTrain(StatsTrainTask):
         return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}, "prune_firing_on": "", "fire_share": 0.5,
                 "region_weight": "", "backbone": list(BACKBONE_CHOICES), "backbone_lr": DEFAULTS["backbone_lr"]}
 
-    def __call__(self, request, datastore):
+    def parse(self, request: dict) -> dict:
+        """The request's options, checked before any work (the server calls it before starting training,
+        so a bad option is a 4xx there): a RequestError names the first bad one."""
         conf = self.options(request)
-        prune = {f: [int(i) for i in ids] for f, ids in (conf["prune"] if isinstance(conf["prune"], dict) else {}).items()}
-        firing_on = str(conf.get("prune_firing_on") or "").strip().lower() or None
-        fire_share = number_option(conf, "fire_share", 0.5, float, 0, 0.999)
         # weight of the drawn regions' patch supervision; empty keeps each model's own (1 for the shipped ones)
         raw = conf.get("region_weight")
         keep = raw is None or str(raw).strip() == ""
-        region_weight = None if keep else number_option(conf, "region_weight", None, float, 0, 100)
-        tune = choice_option(conf, "backbone", BACKBONE_CHOICES[0], BACKBONE_CHOICES) == "fine-tune"
-        backbone_lr = number_option(conf, "backbone_lr", DEFAULTS["backbone_lr"], float, 0, 1)
-        per_family = datastore_items(datastore, self.labels, firing_on)
+        return {"steps": number_option(conf, "steps", 150, int, 1), "batch": number_option(conf, "batch", 16, int, 1),
+                "lr": number_option(conf, "lr", 1e-3, float, 0, 1),
+                "prune": parse_prune(conf["prune"], self.csr),
+                "firing_on": str(conf.get("prune_firing_on") or "").strip().lower() or None,
+                "fire_share": number_option(conf, "fire_share", 0.5, float, 0, 0.999),
+                "region_weight": None if keep else number_option(conf, "region_weight", None, float, 0, 100),
+                "tune": choice_option(conf, "backbone", BACKBONE_CHOICES[0], BACKBONE_CHOICES) == "fine-tune",
+                "backbone_lr": number_option(conf, "backbone_lr", DEFAULTS["backbone_lr"], float, 0, 1)}
+
+    def __call__(self, request, datastore):
+        conf = self.parse(request)
+        prune, firing_on, fire_share = conf["prune"], conf["firing_on"], conf["fire_share"]
+        region_weight, tune, backbone_lr = conf["region_weight"], conf["tune"], conf["backbone_lr"]
+        skipped = []
+        per_family = datastore_items(datastore, self.labels, firing_on, skipped)
         if firing_on and not any(firing_on in it[4] for items in per_family.values() for it in items):
             raise ValueError(f"prune_firing_on: no final label has a segment named {firing_on!r}; draw it on the "
                              "images where the artefact sits and save them first")
         for fam, ids in stored_pruning(datastore, self.csr).items():  # feedback: pruned prototypes stay pruned
             prune[fam] = sorted(set(prune.get(fam, [])) | set(ids))
         if not per_family and not prune:
-            raise ValueError("nothing to learn from: no image has concept labels, a diagnosis or a concept-named segment")
+            raise ValueError("nothing to learn from: no image has concept labels, a diagnosis or a concept-named segment"
+                             + (f"; {len(skipped)} volume(s) have no concept-named segment to choose a slice by"
+                                if skipped else ""))
         bundle = self.csr.clip.get()
         start, summaries = time.time(), {}
         for fam in sorted(set(per_family) | set(prune)):
@@ -132,7 +190,7 @@ class ConceptsTrain(StatsTrainTask):
             if not items:
                 raise ValueError(f"pruning {fam} prototypes needs {fam} images with labels to refit the head")
             summaries[fam] = train_csr(bundle, items, csr_file(self.csr.model_dir, fam), concepts, classes,
-                                       steps=int(conf["steps"]), batch=int(conf["batch"]), lr=float(conf["lr"]),
+                                       steps=conf["steps"], batch=conf["batch"], lr=conf["lr"],
                                        init=init if init.is_file() else None,
                                        prune=prune.get(fam, []),
                                        prune_firing_on=firing_on if any(firing_on in it[4] for it in items) else None,
@@ -143,8 +201,10 @@ class ConceptsTrain(StatsTrainTask):
             if self.prompts is not None and any(it[3] in classes for it in items):
                 pinit = self.prompts.path(fam)
                 summaries[f"{fam}_prompts"] = train_prompt_learner(
-                    bundle, items, prompt_file(self.csr.model_dir, fam), concepts, classes, steps=int(conf["steps"]),
+                    bundle, items, prompt_file(self.csr.model_dir, fam), concepts, classes, steps=conf["steps"],
                     init=pinit if pinit.is_file() else None, extra={"source": "datastore", "family": fam})
+        if skipped:
+            summaries["skipped_volumes"] = skipped  # no concept-named segment to choose their slice by
         self.write_stats(status="DONE", total_time=f"{time.time() - start:.0f}s", families=summaries)
         return summaries
 
@@ -161,9 +221,15 @@ class PromptLearnerTrain(StatsTrainTask):
     def config(self):
         return {"steps": 150, "batch": 16, "lr": 2e-3, "shots": 0}
 
-    def __call__(self, request, datastore):
+    def parse(self, request: dict) -> dict:
+        """The request's options, checked before any work (a RequestError names the first bad one)."""
         conf = self.options(request)
-        shots = int(conf["shots"])
+        return {"steps": number_option(conf, "steps", 150, int, 1), "batch": number_option(conf, "batch", 16, int, 1),
+                "lr": number_option(conf, "lr", 2e-3, float, 0, 1), "shots": number_option(conf, "shots", 0, int, 0)}
+
+    def __call__(self, request, datastore):
+        conf = self.parse(request)
+        shots = conf["shots"]
         bundle, start, summaries = self.prompts.clip.get(), time.time(), {}
         for fam, items in sorted(datastore_items(datastore, self.labels).items()):
             concepts, classes = CSR_FAMILIES[fam]
@@ -177,8 +243,8 @@ class PromptLearnerTrain(StatsTrainTask):
                 continue
             init = self.prompts.path(fam)
             summaries[fam] = train_prompt_learner(bundle, items, prompt_file(self.prompts.model_dir, fam), concepts,
-                                                  classes, steps=int(conf["steps"]), batch=int(conf["batch"]),
-                                                  lr=float(conf["lr"]), init=init if init.is_file() else None,
+                                                  classes, steps=conf["steps"], batch=conf["batch"],
+                                                  lr=conf["lr"], init=init if init.is_file() else None,
                                                   extra={"source": "datastore", "family": fam, "shots": shots})
         if not summaries:
             raise ValueError("no image has a diagnosis in its info: nothing to learn prompts from")
