@@ -377,6 +377,8 @@ def test_concepts_on_an_uploaded_dicom_radiograph_uses_the_chest_vocabulary(serv
     ({"prune": [0, 1]}, "'prune' must be {family: [prototype ids]}"),
     ({"prune": '{"derm": ["x"]}'}, "'prune.derm' must be a list of integer prototype ids"),
     ({"steps": "many"}, "'steps' must be a number"),
+    ({"add_concepts": {"derm": [5]}}, "'add_concepts.derm': each entry is a name"),
+    ({"add_concepts": ["veil"]}, "'add_concepts' must be {family:"),
     ({"backbone": "thaw"}, "'backbone' must be one of"),
 ])
 def test_bad_train_options_are_refused_before_training_starts(server, params, words):
@@ -418,3 +420,57 @@ def test_a_volume_trains_on_its_most_drawn_slice(studies, tmp_path):
         for name, mask in it[4].items():
             assert it[2][name] == 1 and mask.shape == vol.shape[1:]
             assert np.array_equal(mask, lab[k] == LABELS[name])  # the drawn region of that very slice
+
+
+def test_a_concept_added_by_text_learns_from_its_drawn_segment_and_is_served(studies, tmp_path):
+    """`add_concepts`: a clinician names a new concept in words and draws it; training adds it by text (its
+    prototypes start at the text anchor) and learns it from the drawn region; inference, rejection and
+    feedback then know it."""
+    from monailabel.datastore.local import LocalDatastore
+
+    from clinlens.activelearning.feedback import validate_feedback
+    from clinlens.data.conventions import RequestError
+    from clinlens.data.studies import LABELS
+    from clinlens.infer.concepts import ConceptsInfer, LazyCSR
+    from clinlens.models.clip import LazyClip
+    from clinlens.trainers.concepts_task import ConceptsTrain, family_concepts, parse_add_concepts
+
+    root = tmp_path / "studies"
+    shutil.copytree(studies, root)
+    ds = LocalDatastore(str(root), extensions=["*.png"], auto_reload=False)
+    derm = sorted(i for i in ds.list_images() if i.startswith("derm"))
+    img = sitk.GetArrayFromImage(sitk.ReadImage(ds.get_image_uri(derm[0])))
+    lab = np.zeros(img.shape[:2], np.uint8)
+    lab[100:140, 90:150] = 4
+    p = tmp_path / "regression.png"
+    sitk.WriteImage(sitk.GetImageFromArray(lab), str(p))
+    ds.save_label(derm[0], str(p), "final", {"label_info": [{"name": "Regression Structures", "idx": 4}]})
+    csr = LazyCSR(LazyClip(), tmp_path / "model")
+    shipped = csr.get("derm")
+    assert parse_add_concepts({"derm": ["Streaks"]}, csr) == {}  # known already: nothing to add
+    task = ConceptsTrain(csr, LABELS)
+    with pytest.raises(ValueError, match=r"no derm image shows \['halo'\]"):
+        task({"steps": 1, "add_concepts": {"derm": ["halo"]}}, ds)
+    out = task({"steps": 5, "add_concepts": json.dumps(
+        {"derm": [{"name": "regression structures", "description": "white scar-like areas with grey peppering"}]})}, ds)["derm"]
+    model = csr.get("derm")
+    assert out["added_concepts"] == ["regression structures"] and len(out["added_prototypes"]) == shipped.config["n_prototypes"]
+    assert model.concepts == [*shipped.concepts, "regression structures"] and family_concepts(csr, "derm") == model.concepts
+    assert model.descriptions[-1] == "white scar-like areas with grey peppering" and out["drawn_regions"] >= 1
+    new = set(out["added_prototypes"])
+    assert new <= set(model.proto_ids.tolist()) and {e["prototype_id"] for e in model.atlas} >= new
+    # served: scored, rejectable by name, and a valid feedback name for derm images
+    res = ConceptsInfer(csr).run({"reject_concepts": ["Regression Structures"]}, load_image_for_test(ds, derm[0]))[1]
+    assert res["concepts"][-1] == {"concept": "regression structures", "score": 0, "rejected": True}
+    assert validate_feedback({"reject_concepts": "regression structures"}, model.concepts, DERM_DIAGNOSES)
+    with pytest.raises(RequestError, match="unknown concept"):
+        validate_feedback({"reject_concepts": "regression structures"}, shipped.concepts, DERM_DIAGNOSES)
+    # sending the option again with the next training adds nothing twice
+    again = task({"steps": 1, "add_concepts": {"derm": ["regression structures"]}}, ds)["derm"]
+    assert "added_concepts" not in again and csr.get("derm").concepts == model.concepts
+
+
+def load_image_for_test(ds, image_id):
+    from clinlens.data.image_io import load_image
+
+    return load_image(ds.get_image_uri(image_id))

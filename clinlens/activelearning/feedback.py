@@ -105,11 +105,12 @@ def feedback_checker(csr):
     its size (boxes) and the prototype ids of its current CSR model (`LazyCSR`)."""
     from clinlens.infer.base import ClinlensInfer, family_of
     from clinlens.trainers.concepts import CSR_FAMILIES
+    from clinlens.trainers.concepts_task import family_concepts
 
     def check(image_id: str, uri: str, payload) -> dict:
         image = ClinlensInfer.images.get(uri)
         fam = family_of(image)
-        concepts, classes = CSR_FAMILIES[fam]
+        concepts, classes = family_concepts(csr, fam), CSR_FAMILIES[fam][1]  # concepts added by text count
         ids = None
         if isinstance(payload, dict) and "pruned_prototypes" in payload:
             try:

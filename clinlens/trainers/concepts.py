@@ -212,7 +212,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
               lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
               extra: dict | None = None, prune_firing_on: str | None = None, fire_share: float = 0.5,
               region_weight: float | None = None, finetune_backbone: bool | None = None,
-              backbone_lr: float = DEFAULTS["backbone_lr"], **cfg) -> dict:
+              backbone_lr: float = DEFAULTS["backbone_lr"], add_concepts=(), **cfg) -> dict:
     """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`.
 
     `prune_firing_on`: the name of drawn regions (an item's drawn dict, e.g. "text marker") on which
@@ -220,7 +220,9 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     are pruned (firing-map pruning). `region_weight` (None: the model's own) weights the drawn regions'
     patch supervision (`CSRModel.region_loss`), also when continuing from `init`. `finetune_backbone`:
     None keeps the model's own choice (a fresh model: frozen); True trains the model's own copy of the
-    vision tower at `backbone_lr` (a frozen `init` gets one); False refuses an `init` that has one."""
+    vision tower at `backbone_lr` (a frozen `init` gets one); False refuses an `init` that has one.
+    `add_concepts`: (name, description or None) pairs added by text before training
+    (`CSRModel.add_concept_by_text`); the items' labels and drawn regions under those names train them."""
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -236,6 +238,10 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     elif finetune_backbone is not None and model.config["finetune_backbone"]:
         raise ValueError(f"{init} has its own fine-tuned backbone; it cannot be trained frozen "
                          "(train a fresh model instead)")
+    added = []
+    for name, description in add_concepts:
+        if name not in model.concepts:
+            added += model.add_concept_by_text(bundle, name, description)
     if region_weight is not None:
         model.config["region_weight"] = float(region_weight)
     model.train()
@@ -269,6 +275,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
                **({"backbone_lr": backbone_lr} if pixels is not None else {}),
                "drawn_regions": drawn, "region_weight": model.config["region_weight"],
                "pruned": sorted(set(int(i) for i in prune) | set(fired)),
+               **({"added_concepts": [n for n, _ in add_concepts], "added_prototypes": added} if add_concepts else {}),
                "firing_on": ({"region": prune_firing_on, "share": fire_share, "images": len(fire[0]), "pruned": fired}
                              if fire else None),
                "train_class_accuracy": acc,

@@ -38,28 +38,34 @@ from clinlens.trainers.region_task import label_names
 from clinlens.trainers.task import StatsTrainTask
 
 
+def family_concepts(csr, family: str) -> list[str]:
+    """The concepts a family's current CSR model knows (`LazyCSR`; with any added by text), else the built-in ones."""
+    return list(csr.get(family).concepts) if csr.path(family).is_file() else list(CSR_FAMILIES[family][0])
+
+
 def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = None,
-                    skipped: list | None = None) -> dict[str, list]:
+                    skipped: list | None = None, vocab: dict | None = None) -> dict[str, list]:
     """family -> [(image id, image, concepts, class, drawn regions)] from image info and final labels.
 
     Segments named after a concept are drawn regions of it; a segment named `keep_region` (any name,
     e.g. "text marker", case-insensitive) is kept under that name for firing-map pruning. A volume
     trains on one axial slice, as inference reads one: the slice with the most voxels of its
     concept-named segments (a one-slice volume, e.g. a DICOM radiograph, on its only slice). A volume
-    with no such segment says nothing about where its concepts are; its id goes to `skipped`."""
+    with no such segment says nothing about where its concepts are; its id goes to `skipped`.
+    `vocab`: family -> concept names (default: the built-in ones, `CSR_FAMILIES`)."""
     out = defaultdict(list)
     labelled = set(datastore.get_labeled_images())
     for i in datastore.list_images():
         info = datastore.get_image_info(i) or {}
         im = load_image(datastore.get_image_uri(i))
         fam = family_of(im)
-        vocab = CSR_FAMILIES[fam][0]
-        concepts = {k: int(v) for k, v in (info.get("concepts") or {}).items() if k in vocab}
+        names = (vocab or {}).get(fam) or CSR_FAMILIES[fam][0]
+        concepts = {k: int(v) for k, v in (info.get("concepts") or {}).items() if k in names}
         plane, lab, segs, marker = im.array, None, {}, {}
         if i in labelled:
             lab = load_image(datastore.get_label_uri(i, "final")).array
             for seg, idx in label_names(datastore.get_label_info(i, "final"), fallback_labels).items():
-                name = canonical_name(seg, vocab)
+                name = canonical_name(seg, names)
                 if name is not None:
                     segs[name] = idx
                 elif keep_region and seg.strip().lower() == keep_region:
@@ -87,7 +93,7 @@ def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = 
                     concepts[name] = 1
         fb = info.get(FEEDBACK_KEY) or {}
         for name in fb.get("reject_concepts", []):
-            if name in vocab:
+            if name in names:
                 concepts[name] = 0
                 drawn.pop(name, None)
         dx = fb.get("corrected_class") or info.get("diagnosis")
@@ -112,9 +118,9 @@ def stored_pruning(datastore, csr) -> dict[str, list[int]]:
     return out
 
 
-def parse_prune(raw, csr) -> dict[str, list[int]]:
-    """The train option `prune`: {family: [prototype ids]} (a dict, or its JSON text as Slicer's option
-    field sends it), each id one the family's current model (`LazyCSR`) has -> the same, or a RequestError."""
+def _per_family(raw, key: str, what: str, example: str) -> dict:
+    """A train option {family: ...} (a dict, or its JSON text as Slicer's option field sends it; empty: {})
+    with known families, or a RequestError naming `key`."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return {}
     if isinstance(raw, str):
@@ -123,16 +129,46 @@ def parse_prune(raw, csr) -> dict[str, list[int]]:
         except ValueError:
             raw = None
     if not isinstance(raw, dict):
-        raise RequestError(f"'prune' must be {{family: [prototype ids]}}, e.g. {{\"derm\": [3, 7]}}; got {raw!r}")
+        raise RequestError(f"'{key}' must be {{family: {what}}}, e.g. {example}; got {raw!r}")
+    bad = [f for f in raw if f not in CSR_FAMILIES]
+    if bad:
+        raise RequestError(f"'{key}': unknown image family {bad[0]!r}; families: {list(CSR_FAMILIES)}")
+    return raw
+
+
+def parse_prune(raw, csr) -> dict[str, list[int]]:
+    """The train option `prune`: {family: [prototype ids]} (`_per_family`), each id one the family's current
+    model (`LazyCSR`) has -> the same, or a RequestError."""
     out = {}
-    for fam, ids in raw.items():
-        if fam not in CSR_FAMILIES:
-            raise RequestError(f"'prune': unknown image family {fam!r}; families: {list(CSR_FAMILIES)}")
+    for fam, ids in _per_family(raw, "prune", "[prototype ids]", '{"derm": [3, 7]}').items():
         if not csr.path(fam).is_file():
             raise RequestError(f"'prune': there is no {fam} concept model to prune yet", status=409)
         out[fam] = prototype_id_list([ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids,
                                      f"prune.{fam}", csr.get(fam).proto_ids.tolist())
     return {f: ids for f, ids in out.items() if ids}
+
+
+def parse_add_concepts(raw, csr) -> dict[str, list[tuple[str, str | None]]]:
+    """The train option `add_concepts`: {family: [name, or {"name": ..., "description": ...}]} (`_per_family`)
+    -> {family: [(name, description)]}, lower-case names new to the family's model; a name the model
+    already knows is left out (the option may be sent again with the next training). RequestError otherwise."""
+    out = {}
+    for fam, entries in _per_family(raw, "add_concepts", '[names or {"name": ..., "description": ...}]',
+                                    '{"derm": ["regression structures"]}').items():
+        known = set(family_concepts(csr, fam))
+        new = {}
+        for e in entries if isinstance(entries, list) else [entries]:
+            name, desc = (e, None) if isinstance(e, str) else ((e.get("name"), e.get("description"))
+                                                               if isinstance(e, dict) else (None, None))
+            if not isinstance(name, str) or not name.strip() or not (desc is None or isinstance(desc, str)):
+                raise RequestError(f"'add_concepts.{fam}': each entry is a name or {{\"name\": ..., "
+                                   f"\"description\": ...}} of text, got {e!r}")
+            name = " ".join(name.lower().split())
+            if name not in known:
+                new[name] = (desc or "").strip() or None
+        if new:
+            out[fam] = list(new.items())
+    return out
 
 
 BACKBONE_CHOICES = ("keep", "fine-tune")
@@ -147,7 +183,7 @@ class ConceptsTrain(StatsTrainTask):
         self.labels = dict(labels)
 
     def config(self):
-        return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}, "prune_firing_on": "", "fire_share": 0.5,
+        return {"steps": 150, "batch": 16, "lr": 1e-3, "prune": {}, "add_concepts": {}, "prune_firing_on": "", "fire_share": 0.5,
                 "region_weight": "", "backbone": list(BACKBONE_CHOICES), "backbone_lr": DEFAULTS["backbone_lr"]}
 
     def parse(self, request: dict) -> dict:
@@ -160,6 +196,7 @@ class ConceptsTrain(StatsTrainTask):
         return {"steps": number_option(conf, "steps", 150, int, 1), "batch": number_option(conf, "batch", 16, int, 1),
                 "lr": number_option(conf, "lr", 1e-3, float, 0, 1),
                 "prune": parse_prune(conf["prune"], self.csr),
+                "add_concepts": parse_add_concepts(conf["add_concepts"], self.csr),
                 "firing_on": str(conf.get("prune_firing_on") or "").strip().lower() or None,
                 "fire_share": number_option(conf, "fire_share", 0.5, float, 0, 0.999),
                 "region_weight": None if keep else number_option(conf, "region_weight", None, float, 0, 100),
@@ -170,8 +207,15 @@ class ConceptsTrain(StatsTrainTask):
         conf = self.parse(request)
         prune, firing_on, fire_share = conf["prune"], conf["firing_on"], conf["fire_share"]
         region_weight, tune, backbone_lr = conf["region_weight"], conf["tune"], conf["backbone_lr"]
+        add = conf["add_concepts"]
+        vocab = {f: family_concepts(self.csr, f) + [n for n, _ in add.get(f, [])] for f in CSR_FAMILIES}
         skipped = []
-        per_family = datastore_items(datastore, self.labels, firing_on, skipped)
+        per_family = datastore_items(datastore, self.labels, firing_on, skipped, vocab)
+        for fam, new in add.items():  # a concept added by text learns from where a clinician has shown it
+            missing = [n for n, _ in new if not any(it[2].get(n) == 1 for it in per_family.get(fam, []))]
+            if missing:
+                raise ValueError(f"add_concepts: no {fam} image shows {missing}: name a segment after it (or set "
+                                 "it to 1 in an image's info 'concepts') on the images where it is, and save them")
         if firing_on and not any(firing_on in it[4] for items in per_family.values() for it in items):
             raise ValueError(f"prune_firing_on: no final label has a segment named {firing_on!r}; draw it on the "
                              "images where the artefact sits and save them first")
@@ -190,6 +234,7 @@ class ConceptsTrain(StatsTrainTask):
             if not items:
                 raise ValueError(f"pruning {fam} prototypes needs {fam} images with labels to refit the head")
             summaries[fam] = train_csr(bundle, items, csr_file(self.csr.model_dir, fam), concepts, classes,
+                                       add_concepts=add.get(fam, ()),
                                        steps=conf["steps"], batch=conf["batch"], lr=conf["lr"],
                                        init=init if init.is_file() else None,
                                        prune=prune.get(fam, []),
