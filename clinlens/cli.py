@@ -60,13 +60,22 @@ def cmd_train_default(a) -> int:
 
 
 def cmd_prune(a) -> int:
-    """Atlas pruning from the command line: drop prototypes by id, refit the head on phantoms, publish."""
+    """Atlas pruning from the command line: drop prototypes by id from the model the server serves (the one
+    published in `--model-dir`, else the shipped one), refit the head on phantoms, publish to `--model-dir`,
+    where the running server picks it up. The shipped file beside the CLIP weights is never overwritten
+    unless named with `--out`."""
     from clinlens.models.clip import load_clip
     from clinlens.models.csr import CSRModel
+    from clinlens.server import APP_DIR
     from clinlens.trainers.concepts import CSR_FAMILIES, csr_file, phantom_concept_items, train_csr
 
     bundle = load_clip(a.clip, device=a.device)
-    src = Path(a.model) if a.model else csr_file(bundle.path, a.family)
+    model_dir = Path(a.model_dir) if a.model_dir else APP_DIR / "model"
+    served = csr_file(model_dir, a.family)
+    src = Path(a.model) if a.model else (served if served.is_file() else csr_file(bundle.path, a.family))
+    if not src.is_file():
+        print(f"no {a.family} concept model at {src}", file=sys.stderr)
+        return 2
     known = {int(i) for i in CSRModel.load(bundle, src).proto_ids.tolist()}
     missing = sorted(set(a.ids) - known)
     if missing:
@@ -74,7 +83,9 @@ def cmd_prune(a) -> int:
         return 2
     concepts, classes = CSR_FAMILIES[a.family]
     items = phantom_concept_items(a.family, a.seed, a.n_images)
-    train_csr(bundle, items, Path(a.out) if a.out else src, concepts, classes, steps=0, init=src, prune=a.ids,
+    out = Path(a.out) if a.out else served
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train_csr(bundle, items, out, concepts, classes, steps=0, init=src, prune=a.ids,
               extra={"command": "clinlens prune-prototypes", "family": a.family})
     return 0
 
@@ -227,8 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--family", required=True, choices=["derm", "chest", "ct"])
     pr.add_argument("--ids", type=int, nargs="+", required=True, help="prototype ids (see the atlas in csr_<family>.json)")
     pr.add_argument("--clip", default=None, help="CLIP directory (default: the embedded default)")
-    pr.add_argument("--model", default=None, help="CSR file to prune (default: csr_<family>.safetensors in the CLIP dir)")
-    pr.add_argument("--out", default=None, help="where to publish (default: overwrite --model)")
+    pr.add_argument("--model-dir", default=None,
+                    help="the server's model_dir (default: monailabel_app/model, the server's own default)")
+    pr.add_argument("--model", default=None, help="CSR file to prune (default: the one the server serves: "
+                    "csr_<family>.safetensors in --model-dir, else the shipped one beside the CLIP weights)")
+    pr.add_argument("--out", default=None, help="where to publish (default: csr_<family>.safetensors in --model-dir)")
     pr.add_argument("--n-images", type=int, default=120, help="phantoms to refit the head on")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default=None)

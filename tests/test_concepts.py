@@ -149,6 +149,22 @@ def test_concepts_on_a_chosen_ct_slice(server):
     p.write_bytes(parts["image"].content)
     lab = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
     assert lab[3].any() and not np.delete(lab, 3, axis=0).any()
+    # the other two tasks on the same slice: evidence regions on that slice only, the CT classes and α
+    r = slicer_post(f"{server.url}/infer/concept_regions?image={image}", {"slice": 3, "top_concepts": 3})
+    assert r.status_code == 200, r.text
+    parts = read_multipart(r)
+    res = json.loads(parts["params"].content)
+    p.write_bytes(parts["image"].content)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+    assert lab.shape[0] > 3 and not np.delete(lab, 3, axis=0).any()
+    assert set(np.unique(lab[3])) - {0} == {g["label"] for g in res["regions"]}
+    assert {g["concept"] for g in res["regions"]} <= {"lung nodule", "lung mass", "pleural effusion"}
+    r = slicer_post(f"{server.url}/infer/prompt_classify?image={image}", {"slice": 3})
+    assert r.status_code == 200, r.text
+    res = json.loads(read_multipart(r)["params"].content)
+    assert {c["class"] for c in res["classes"]} == {"normal", "lung nodule", "lung cancer", "pleural effusion"}
+    r = slicer_post(f"{server.url}/infer/prompt_classify?image={image}", {"slice": 10_000})
+    assert r.status_code == 422 and "'slice' 10000 is out of range" in r.json()["detail"]
 
 
 def test_train_task_learns_from_a_drawn_concept_segment_and_prunes(studies, tmp_path):

@@ -100,15 +100,25 @@ def test_contrastive_loss_formula_margin_sign_and_learning(bundle):
     vp = F.normalize(torch.randn(12, 128), dim=-1)
     tgt = torch.arange(12) % K
     # the formula, by hand: soft assignment over each concept's M prototypes, then the margin CE
-    lam, gam, dl = 10.0, 5.0, 0.1
     p = F.normalize(m.prototypes.detach(), dim=-1).view(K, M, -1)
     dots = torch.einsum("ne,kme->nkm", vp, p)
-    sim = ((gam * dots).softmax(-1) * dots).sum(-1)
+
+    def by_hand(lam, gam, dl):
+        sim = ((gam * dots).softmax(-1) * dots).sum(-1)
+        logit = lam * sim - lam * dl * F.one_hot(tgt, K)
+        return sim, -(logit.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logit, 1)).mean()
+
+    lam, gam, dl = 10.0, 5.0, 0.1
+    assert (m.config["lam"], m.config["gamma"], m.config["delta"]) == (lam, gam, dl)  # the defaults
+    sim, ref = by_hand(lam, gam, dl)
     assert torch.allclose(m.concept_similarity(vp), sim, atol=1e-5)
-    logit = lam * sim - lam * dl * F.one_hot(tgt, K)
-    ref = -(logit.gather(1, tgt[:, None]).squeeze(1) - torch.logsumexp(logit, 1)).mean()
     plus = m.contrastive_loss(vp, tgt)
     assert torch.allclose(plus, ref, atol=1e-5)
+    # configured otherwise, the loss follows each of λ, γ, δ (a constant in place of any would fail here)
+    other = _model(bundle, seed=1, lam=4.0, gamma=20.0, delta=0.3)
+    sim2, ref2 = by_hand(4.0, 20.0, 0.3)
+    assert torch.allclose(other.concept_similarity(vp), sim2, atol=1e-5) and not torch.allclose(sim2, sim, atol=1e-3)
+    assert torch.allclose(other.contrastive_loss(vp, tgt), ref2, atol=1e-5) and abs(float(ref2 - ref)) > 1e-3
     m.config["margin_sign"] = -1.0
     minus = m.contrastive_loss(vp, tgt)
     assert minus < plus - 0.05  # adding δ to the target similarity makes the task easier

@@ -84,6 +84,28 @@ def test_shapes_and_cached_features(bundle, derm):
         m(image_features=f[:2])
 
 
+def test_local_term_and_logits_by_hand(bundle, derm):
+    """The global-local term (methods.md §3), recomputed independently: ẑ_i = normalize(z_i + P_i),
+    β_ci = softmax_i(cos(ẑ_i, g_c)/τ_l), local_c = Σ_i β_ci cos(ẑ_i, g_c), logit_c = s (cos(f, g_c) + λ local_c)."""
+    _, f, z, y, _ = derm
+    m = _model(bundle, local_weight=0.5, local_temperature=0.2).eval()
+    with torch.no_grad():
+        m.pos_embed.normal_(0, 0.5)  # a positional encoding that matters (it starts at zero)
+        out = m(image_features=f[:3], patch_tokens=z[:3])
+    g = out["text"]  # (B, C, E), normalised soft-prompt features
+    zh = torch.nn.functional.normalize(z[:3] + m.pos_embed.detach(), dim=-1)
+    cos = torch.einsum("bne,bce->bcn", zh, g)
+    beta = torch.softmax(cos / 0.2, dim=-1)
+    local = (beta * cos).sum(-1)
+    glob = torch.einsum("be,bce->bc", torch.nn.functional.normalize(f[:3], dim=-1), g)
+    assert torch.allclose(out["beta"], beta, atol=1e-5) and torch.allclose(out["local"], local, atol=1e-5)
+    assert torch.allclose(out["logits"], m.logit_scale * (glob + 0.5 * local), atol=1e-3)
+    # the positional encoding and the temperature both change the term (neither is ignored)
+    flat = (torch.nn.functional.normalize(z[:3], dim=-1)[:, None] * g[:, :, None]).sum(-1)
+    assert not torch.allclose(local, (torch.softmax(flat / 0.2, -1) * flat).sum(-1), atol=1e-4)
+    assert not torch.allclose(local, (torch.softmax(cos / 0.07, -1) * cos).sum(-1), atol=1e-4)
+
+
 def test_clip_stays_frozen_prompt_parts_learn(bundle, derm):
     pv, _, _, y, _ = derm
     m = _model(bundle)

@@ -71,3 +71,28 @@ def test_train_default_retrains_only_the_named_concept_families(tmp_path):
     clash = subprocess.run([sys.executable, "-m", "clinlens.cli", "train-default", "--region-only", "--families",
                             "derm", "--out", str(tmp_path)], capture_output=True, text=True)
     assert clash.returncode == 2 and "--families" in clash.stderr
+
+
+def test_prune_prototypes_cli_publishes_to_the_served_model_dir(tmp_path):
+    """`clinlens prune-prototypes`: the served model loses those prototypes, published where the server reads it;
+    the shipped file is untouched; an unknown id exits 2 and names it."""
+    from clinlens.models.clip import DEFAULT_CLIP_DIR, LazyClip
+    from clinlens.models.csr import CSRModel
+    from clinlens.trainers.concepts import csr_file
+
+    shipped = csr_file(DEFAULT_CLIP_DIR, "derm")
+    before = shipped.read_bytes()
+    cli = [sys.executable, "-m", "clinlens.cli", "prune-prototypes", "--family", "derm", "--model-dir", str(tmp_path),
+           "--n-images", "8"]
+    subprocess.run([*cli, "--ids", "0", "5"], check=True, capture_output=True, text=True)
+    bundle = LazyClip().get()
+    pruned = CSRModel.load(bundle, csr_file(tmp_path, "derm"))
+    full = CSRModel.load(bundle, shipped)
+    assert sorted(pruned.proto_ids.tolist()) == sorted(set(full.proto_ids.tolist()) - {0, 5})
+    assert shipped.read_bytes() == before
+    # the next pruning starts from the served (already pruned) model: 0 is gone there
+    bad = subprocess.run([*cli, "--ids", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown prototype id(s) [0]" in bad.stderr
+    subprocess.run([*cli, "--ids", "7"], check=True, capture_output=True, text=True)
+    assert sorted(CSRModel.load(bundle, csr_file(tmp_path, "derm")).proto_ids.tolist()) == sorted(
+        set(full.proto_ids.tolist()) - {0, 5, 7})
