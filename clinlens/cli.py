@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -63,7 +64,8 @@ def cmd_prune(a) -> int:
     """Atlas pruning from the command line: drop prototypes by id from the model the server serves (the one
     published in `--model-dir`, else the shipped one), refit the head on phantoms, publish to `--model-dir`,
     where the running server picks it up. The shipped file beside the CLIP weights is never overwritten
-    unless named with `--out`."""
+    unless named with `--out`. A model trained on the datastore is refused: a phantom refit would undo its
+    training (the train task's `prune` option refits it on the datastore)."""
     from clinlens.models.clip import load_clip
     from clinlens.models.csr import CSRModel
     from clinlens.server import APP_DIR
@@ -75,6 +77,12 @@ def cmd_prune(a) -> int:
     src = Path(a.model) if a.model else (served if served.is_file() else csr_file(bundle.path, a.family))
     if not src.is_file():
         print(f"no {a.family} concept model at {src}", file=sys.stderr)
+        return 2
+    record = (json.loads(src.with_suffix(".json").read_text()) if src.with_suffix(".json").is_file() else {})
+    if (record.get("training") or {}).get("source") == "datastore":
+        print(f"{src} was trained on the datastore; this command refits its head on phantoms, which would undo "
+              f"that. Prune it where it learned: POST /train/concepts with {{\"prune\": {{\"{a.family}\": "
+              f"{sorted(set(a.ids))}}}}} (or the feedback's pruned_prototypes)", file=sys.stderr)
         return 2
     known = {int(i) for i in CSRModel.load(bundle, src).proto_ids.tolist()}
     missing = sorted(set(a.ids) - known)

@@ -173,10 +173,11 @@ class MyApp(MONAILabelApp):
     def _check_train_options_first(self, fastapi_app):
         """POST /train/<model>: a task with `parse(params)` checks its options before MONAI Label starts the
         training subprocess, so a bad option is a 4xx naming it, not an ERROR status after the work. The
-        route goes in front of upstream's and hands everything on to it (same parameters and role)."""
+        route goes in front of upstream's and hands everything on to it (same parameters and role); a plain
+        `def`, so FastAPI runs it in a worker thread (`parse` may load a model) and the server keeps answering."""
         from monailabel.endpoints import train as train_api
 
-        async def train_model(model: str, params: dict | None = Body(None), run_sync: bool | None = False,
+        def train_model(model: str, params: dict | None = Body(None), run_sync: bool | None = False,
                               enqueue: bool | None = False,
                               user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
             parse = getattr(self._trainers.get(model), "parse", None)
@@ -184,7 +185,7 @@ class MyApp(MONAILabelApp):
                 parse(params or {})
             return train_api.run_model(model, params, run_sync, enqueue)
 
-        routes = fastapi_app.router.routes  # upstream's routers are nested: first match wins, so go first
+        routes = fastapi_app.router.routes  # the first matching route wins, so this one goes first
         if not any(getattr(getattr(r, "endpoint", None), "__name__", "") == "train_model" for r in routes):
             fastapi_app.add_api_route("/train/{model}", train_model, methods=["POST"], include_in_schema=False)
             routes.insert(0, routes.pop())

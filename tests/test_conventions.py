@@ -117,6 +117,9 @@ def test_number_option_parses_viewer_strings_and_names_bad_values():
         number_option({"levels": "many"}, "levels", 4, int)
     with pytest.raises(RequestError, match=r"'alpha' must be in \[0, 1\], got 2.0"):
         number_option({"alpha": 2}, "alpha", 0.2, float, 0, 1)
+    for bad, kind in (("nan", float), (float("inf"), float), (float("inf"), int), ("-inf", float)):
+        with pytest.raises(RequestError, match="must be a finite number"):  # NaN passes every range check
+            number_option({"x": bad}, "x", 1, kind, 0)
 
 
 def test_choice_option_takes_slicers_untouched_list_and_names_bad_values():

@@ -1,4 +1,5 @@
 """`clinlens train-default` reproduces its checkpoint from a seed and publishes it atomically."""
+import json
 import subprocess
 import sys
 
@@ -96,3 +97,12 @@ def test_prune_prototypes_cli_publishes_to_the_served_model_dir(tmp_path):
     subprocess.run([*cli, "--ids", "7"], check=True, capture_output=True, text=True)
     assert sorted(CSRModel.load(bundle, csr_file(tmp_path, "derm")).proto_ids.tolist()) == sorted(
         set(full.proto_ids.tolist()) - {0, 5, 7})
+    # a model trained on the datastore is not refitted on phantoms: refused, pointing at the train task
+    meta = csr_file(tmp_path, "derm").with_suffix(".json")
+    record = json.loads(meta.read_text())
+    record["training"]["source"] = "datastore"
+    meta.write_text(json.dumps(record))
+    served = csr_file(tmp_path, "derm").read_bytes()
+    bad = subprocess.run([*cli, "--ids", "9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "trained on the datastore" in bad.stderr and "/train/concepts" in bad.stderr
+    assert csr_file(tmp_path, "derm").read_bytes() == served

@@ -277,7 +277,8 @@ def _loaded_image(vol, geom, stage):
     from clinlens.data.dicom_io import to_sitk
     from clinlens.data.image_io import LoadedImage
 
-    return LoadedImage(array=vol, ref=to_sitk(vol, geom), path=str(stage), is_rgb=False)
+    return LoadedImage(array=vol, ref=to_sitk(vol, geom), path=str(stage), is_rgb=False,
+                       modality=geom.get("modality", ""))
 
 
 def run_segment(models: Models, image, key: str, prompts, threshold: float) -> tuple[np.ndarray | None, list]:
@@ -381,9 +382,11 @@ def _run_and_write(spec, config, models, vol, geom, sources, stage, out: Path, f
     from clinlens.data.dicom_io import derived_uid
 
     seed = f"{spec.series_uid}/{fp}"    # deterministic output UIDs: a rerun (or a re-STOW) is idempotent
+    from clinlens.infer.base import family_of
+
     depth = int(vol.shape[0])
-    family = "chest" if depth == 1 else "ct"
     image = _loaded_image(vol, geom, stage)
+    family = family_of(image)  # the server's rule: a one-frame radiograph is chest, a CT series ct
     timings, files, result = {}, {}, {}
     sx, sy, sz = (float(s) for s in geom["spacing"])
 

@@ -36,6 +36,8 @@ def number_option(request: dict, key: str, default, kind=float, lo=None, hi=None
         x = kind(value)
     except (TypeError, ValueError):
         raise RequestError(f"'{key}' must be a number, got {value!r}") from None
+    except OverflowError:  # int(inf)
+        raise RequestError(f"'{key}' must be a finite number, got {value!r}") from None
     if not math.isfinite(x):
         raise RequestError(f"'{key}' must be a finite number, got {value!r}")
     if (lo is not None and x < lo) or (hi is not None and x > hi):

@@ -114,6 +114,7 @@ class _ConceptTask(ClinlensInfer):
         with torch.no_grad():
             out = model(bundle.pixel_values(to_unit_rgb(plane), model.image_size), pos_boxes=pos or None, neg_boxes=neg or None,
                         alpha=alpha, reject_concepts=reject or None)
+        out["rejected"] = reject
         return plane, p.slice, model, out
 
     @staticmethod
@@ -141,7 +142,7 @@ class ConceptsInfer(_ConceptTask):
         atlas = {e["prototype_id"]: e for e in model.atlas}
         top = number_option(request, "top_prototypes", self._config["top_prototypes"], int, 0)
         keep = out["keep"].cpu().numpy() > 0
-        rejected = {model.concepts[int(model.proto_concept[j])] for j in np.flatnonzero(~keep)}
+        rejected = set(out["rejected"])
         protos = []
         for j in [j for j in np.argsort(-pscore) if keep[j]][:top]:  # a rejected concept is no evidence
             pid = int(model.proto_ids[j])

@@ -39,8 +39,12 @@ from clinlens.trainers.task import StatsTrainTask
 
 
 def family_concepts(csr, family: str) -> list[str]:
-    """The concepts a family's current CSR model knows (`LazyCSR`; with any added by text), else the built-in ones."""
-    return list(csr.get(family).concepts) if csr.path(family).is_file() else list(CSR_FAMILIES[family][0])
+    """The concepts a family's current CSR model knows (`LazyCSR`; with any added by text), else the built-in
+    ones. Read from the model's JSON sidecar: no model load."""
+    meta = csr.path(family).with_suffix(".json")
+    if meta.is_file():
+        return list(json.loads(meta.read_text())["config"]["concepts"])
+    return list(CSR_FAMILIES[family][0])
 
 
 def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = None,
@@ -51,7 +55,8 @@ def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = 
     e.g. "text marker", case-insensitive) is kept under that name for firing-map pruning. A volume
     trains on one axial slice, as inference reads one: the slice with the most voxels of its
     concept-named segments (a one-slice volume, e.g. a DICOM radiograph, on its only slice). A volume
-    with no such segment says nothing about where its concepts are; its id goes to `skipped`.
+    with no such segment says nothing about where its concepts are; its id goes to `skipped`. A volume's
+    info labels (`concepts`, `diagnosis`) are the study's and go with the slice taken.
     `vocab`: family -> concept names (default: the built-in ones, `CSR_FAMILIES`)."""
     out = defaultdict(list)
     labelled = set(datastore.get_labeled_images())
@@ -70,7 +75,7 @@ def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = 
                     segs[name] = idx
                 elif keep_region and seg.strip().lower() == keep_region:
                     marker[keep_region] = idx
-        if len(im.spatial_shape) == 3 and not im.is_rgb:
+        if len(im.spatial_shape) == 3:
             if lab is not None and lab.shape != im.spatial_shape:
                 lab = None  # not this volume's labelmap: nothing can be read off it
             if im.spatial_shape[0] == 1:
@@ -123,13 +128,14 @@ def _per_family(raw, key: str, what: str, example: str) -> dict:
     with known families, or a RequestError naming `key`."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return {}
+    given = raw
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except ValueError:
             raw = None
     if not isinstance(raw, dict):
-        raise RequestError(f"'{key}' must be {{family: {what}}}, e.g. {example}; got {raw!r}")
+        raise RequestError(f"'{key}' must be {{family: {what}}} (JSON), e.g. {example}; got {given!r}")
     bad = [f for f in raw if f not in CSR_FAMILIES]
     if bad:
         raise RequestError(f"'{key}': unknown image family {bad[0]!r}; families: {list(CSR_FAMILIES)}")
