@@ -114,6 +114,13 @@ def test_a_training_killed_midway_leaves_the_last_good_model_serving(al_server):
     deadline = time.time() + 120
     while time.time() < deadline and "drawn regions, features" not in requests.get(f"{srv.url}/logs/?lines=200").text:
         time.sleep(1)  # until the subprocess is inside its training loop
+    # it shows its progress in /info (the keys Slicer's progress bar reads) while it trains
+    stats, until = {}, time.time() + 60
+    while time.time() < until and not stats.get("epoch"):
+        stats = requests.get(srv.url + "/info/").json()["train_stats"]["concepts"]
+        time.sleep(0.5)
+    assert stats.get("status") == "RUNNING" and stats["total_epochs"] == 200000 and 1 <= stats["epoch"] < 200000, stats
+    assert "total_time" not in stats and stats["family"] in ("derm", "chest", "ct")
     requests.delete(f"{srv.url}/train/")
     st = wait_task(srv.url, timeout=120)
     assert st["status"] in ("STOPPED", "ERROR", "DONE") and st["status"] != "DONE", st

@@ -467,9 +467,11 @@ def test_a_concept_added_by_text_learns_from_its_drawn_segment_and_is_served(stu
     task = ConceptsTrain(csr, LABELS)
     with pytest.raises(ValueError, match=r"no derm image shows \['halo'\]"):
         task({"steps": 1, "add_concepts": {"derm": ["halo"]}}, ds)
+    assert task.stats()["status"] == "FAILED" and "no derm image shows ['halo']" in task.stats()["error"]
     out = task({"steps": 5, "add_concepts": json.dumps(
         {"derm": [{"name": "regression structures", "description": "white scar-like areas with grey peppering"}]})}, ds)["derm"]
     model = csr.get("derm")
+    assert task.stats()["status"] == "DONE"
     assert out["added_concepts"] == ["regression structures"] and len(out["added_prototypes"]) == shipped.config["n_prototypes"]
     assert model.concepts == [*shipped.concepts, "regression structures"] and family_concepts(csr, "derm") == model.concepts
     assert model.descriptions[-1] == "white scar-like areas with grey peppering" and out["drawn_regions"] >= 1

@@ -66,7 +66,9 @@ def test_negation_train_task_publishes_and_the_server_reloads_the_text_tower(neg
 
 
 def test_negation_train_task_refuses_a_bad_loss(neg_server):
+    """Refused by the server before a training subprocess starts: a 422 naming the option."""
     r = requests.post(f"{neg_server.url}/train/negation", json={"loss": "con3", "steps": 1})
-    st = wait_task(neg_server.url, timeout=300)
-    assert r.status_code == 200 and st["status"] == "ERROR"
-    assert "'loss' must be one of" in "\n".join(st.get("details", []))
+    assert r.status_code == 422 and "'loss' must be one of" in r.json()["detail"], r.text
+    r = requests.post(f"{neg_server.url}/train/negation", data='{"steps": Infinity}',  # non-standard JSON that Python's json accepts
+                      headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "'steps' must be a finite number" in r.json()["detail"], r.text

@@ -64,6 +64,10 @@ def mean_dice(server):
 def test_training_from_saved_labels_improves_dice_and_hot_reloads(fresh_server):
     before, n = mean_dice(fresh_server)
     mtime = (fresh_server.model_dir / "region.safetensors").stat().st_mtime
+    for bad, words in (({"steps": 0}, "'steps' must be in [1, inf]"), ({"device": "tpu"}, "'device' must be cpu or cuda"),
+                       ({"lr": "fast"}, "'lr' must be a number")):  # refused before a training subprocess starts
+        r = requests.post(f"{fresh_server.url}/train/region_seg", json=bad)
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
     r = requests.post(f"{fresh_server.url}/train/region_seg", json={"steps": 150, "batch": 8, "lr": 3e-3, "device": "cpu"})
     assert r.status_code == 200, r.text
     st = wait_task(fresh_server.url)

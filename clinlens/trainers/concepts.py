@@ -141,7 +141,7 @@ def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr: float, seed: int = 0, prune=(),
             progress: bool = False, fire=None, pixels: torch.Tensor | None = None,
-            backbone_lr: float = DEFAULTS["backbone_lr"]) -> tuple[list[dict], float | None, list[int], torch.Tensor]:
+            backbone_lr: float = DEFAULTS["backbone_lr"], on_step=None) -> tuple[list[dict], float | None, list[int], torch.Tensor]:
     """Stages 1-3 by gradient on cached features (Adam, cosine schedule, bf16 autocast on CUDA; class
     labels -1 = unknown), then any pruning, then stage 4 (the task head) refitted to convergence. `fire` = (indices of the
     images with the region, their region masks, share): the prototypes firing on the region in more
@@ -152,7 +152,8 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
     A model with its own backbone (`finetune_backbone`) needs `pixels` (N, 3, S, S): each step encodes
     its batch and the backbone trains at `backbone_lr`; `feats` is not used, the scores after
     training come from features encoded anew. When only its last blocks train (`tuned_blocks`), the
-    frozen trunk's hidden states are computed once and each step runs the tuned blocks alone."""
+    frozen trunk's hidden states are computed once and each step runs the tuned blocks alone.
+    `on_step(step, loss)` is called after each step (1-based), e.g. to report progress."""
     from tqdm.auto import tqdm
 
     tune = bool(model.config["finetune_backbone"])
@@ -185,6 +186,8 @@ def fit_csr(model: CSRModel, feats, y, cls, regions, steps: int, batch: int, lr:
         sched.step()
         hist.append({k: float(v.detach()) for k, v in out.items()})
         bar.set_postfix(loss=f"{hist[-1]['total']:.3f}")
+        if on_step is not None:
+            on_step(len(hist), hist[-1]["total"])
     model.eval()
     if tune:
         feats = encode(model, pixels) if trunk is None else encode(model, trunk, fn=model.features_from_trunk)
@@ -212,7 +215,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
               lr: float = DEFAULTS["lr"], seed: int = 0, init=None, prune=(), progress: bool = True, log=print,
               extra: dict | None = None, prune_firing_on: str | None = None, fire_share: float = 0.5,
               region_weight: float | None = None, finetune_backbone: bool | None = None,
-              backbone_lr: float = DEFAULTS["backbone_lr"], add_concepts=(), **cfg) -> dict:
+              backbone_lr: float = DEFAULTS["backbone_lr"], add_concepts=(), on_step=None, **cfg) -> dict:
     """Train a CSR model on `items`, build its atlas, optionally prune prototypes, publish to `out_path`.
 
     `prune_firing_on`: the name of drawn regions (an item's drawn dict, e.g. "text marker") on which
@@ -222,7 +225,8 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
     None keeps the model's own choice (a fresh model: frozen); True trains the model's own copy of the
     vision tower at `backbone_lr` (a frozen `init` gets one); False refuses an `init` that has one.
     `add_concepts`: (name, description or None) pairs added by text before training
-    (`CSRModel.add_concept_by_text`); the items' labels and drawn regions under those names train them."""
+    (`CSRModel.add_concept_by_text`); the items' labels and drawn regions under those names train them.
+    `on_step(step, loss)`: called after each training step (`fit_csr`)."""
 
     t0 = time.time()
     torch.manual_seed(seed)
@@ -263,7 +267,7 @@ def train_csr(bundle, items, out_path, concepts, classes, steps: int = DEFAULTS[
         fire = (idx, [items[i][4][prune_firing_on] for i in idx], fire_share)
         log(f"CSR: pruning prototypes that fire on {prune_firing_on!r} in more than {fire_share:.0%} of {len(idx)} images")
     hist, refit_acc, fired, feats = fit_csr(model, feats, y, cls, regions, steps, batch, lr, seed, prune, progress,
-                                            fire, pixels=pixels, backbone_lr=backbone_lr)
+                                            fire, pixels=pixels, backbone_lr=backbone_lr, on_step=on_step)
     labelled = cls >= 0
     with torch.no_grad():
         out = model(features=feats.to(model.device))

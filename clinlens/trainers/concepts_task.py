@@ -210,6 +210,9 @@ class ConceptsTrain(StatsTrainTask):
                 "backbone_lr": number_option(conf, "backbone_lr", DEFAULTS["backbone_lr"], float, 0, 1)}
 
     def __call__(self, request, datastore):
+        return self.run_reporting(self._train, request, datastore)
+
+    def _train(self, start, request, datastore):
         conf = self.parse(request)
         prune, firing_on, fire_share = conf["prune"], conf["firing_on"], conf["fire_share"]
         region_weight, tune, backbone_lr = conf["region_weight"], conf["tune"], conf["backbone_lr"]
@@ -232,8 +235,8 @@ class ConceptsTrain(StatsTrainTask):
                              + (f"; {len(skipped)} volume(s) have no concept-named segment to choose a slice by"
                                 if skipped else ""))
         bundle = self.csr.clip.get()
-        start, summaries = time.time(), {}
-        for fam in sorted(set(per_family) | set(prune)):
+        summaries, todo = {}, sorted(set(per_family) | set(prune))
+        for n, fam in enumerate(todo):
             items = per_family.get(fam, [])
             init = self.csr.path(fam)
             concepts, classes = CSR_FAMILIES[fam]
@@ -248,7 +251,9 @@ class ConceptsTrain(StatsTrainTask):
                                        fire_share=fire_share,
                                        region_weight=region_weight, finetune_backbone=True if tune else None,
                                        backbone_lr=backbone_lr,
-                                       extra={"source": "datastore", "family": fam})
+                                       extra={"source": "datastore", "family": fam},
+                                       on_step=self.step_reporter(start, conf["steps"], family=fam,
+                                                                  family_index=n + 1, families=len(todo)))
             if self.prompts is not None and any(it[3] in classes for it in items):
                 pinit = self.prompts.path(fam)
                 summaries[f"{fam}_prompts"] = train_prompt_learner(
@@ -256,7 +261,7 @@ class ConceptsTrain(StatsTrainTask):
                     init=pinit if pinit.is_file() else None, extra={"source": "datastore", "family": fam})
         if skipped:
             summaries["skipped_volumes"] = skipped  # no concept-named segment to choose their slice by
-        self.write_stats(status="DONE", total_time=f"{time.time() - start:.0f}s", families=summaries)
+        self.write_stats(status="DONE", start_ts=int(start), total_time=f"{time.time() - start:.0f}s", families=summaries)
         return summaries
 
 
@@ -279,9 +284,12 @@ class PromptLearnerTrain(StatsTrainTask):
                 "lr": number_option(conf, "lr", 2e-3, float, 0, 1), "shots": number_option(conf, "shots", 0, int, 0)}
 
     def __call__(self, request, datastore):
+        return self.run_reporting(self._train, request, datastore)
+
+    def _train(self, start, request, datastore):
         conf = self.parse(request)
         shots = conf["shots"]
-        bundle, start, summaries = self.prompts.clip.get(), time.time(), {}
+        bundle, summaries = self.prompts.clip.get(), {}
         for fam, items in sorted(datastore_items(datastore, self.labels).items()):
             concepts, classes = CSR_FAMILIES[fam]
             items = [it for it in items if it[3] in classes]
@@ -299,5 +307,5 @@ class PromptLearnerTrain(StatsTrainTask):
                                                   extra={"source": "datastore", "family": fam, "shots": shots})
         if not summaries:
             raise ValueError("no image has a diagnosis in its info: nothing to learn prompts from")
-        self.write_stats(status="DONE", total_time=f"{time.time() - start:.0f}s", families=summaries)
+        self.write_stats(status="DONE", start_ts=int(start), total_time=f"{time.time() - start:.0f}s", families=summaries)
         return summaries

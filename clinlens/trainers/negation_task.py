@@ -26,16 +26,21 @@ class NegationTrain(StatsTrainTask):
         return {"loss": DEFAULTS["loss"], "steps": DEFAULTS["steps"], "n_images": DEFAULTS["n_images"],
                 "batch": DEFAULTS["batch"], "lr": DEFAULTS["lr"], "seed": DEFAULTS["seed"]}
 
-    def __call__(self, request, datastore=None):
+    def parse(self, request: dict) -> dict:
+        """The request's options, checked before any work (the server calls it before starting training)."""
         conf = self.options(request)
         loss = str(conf["loss"]).strip().lower()
         if loss not in LOSSES:
             raise RequestError(f"'loss' must be one of {list(LOSSES)}, got {conf['loss']!r}")
-        steps = number_option(conf, "steps", DEFAULTS["steps"], int, 1, 100_000)
-        n_images = number_option(conf, "n_images", DEFAULTS["n_images"], int, 8, 60_000)
-        batch = number_option(conf, "batch", DEFAULTS["batch"], int, 2, 4096)
-        lr = number_option(conf, "lr", DEFAULTS["lr"], float, 1e-8, 1.0)
-        seed = number_option(conf, "seed", DEFAULTS["seed"], int, 0, 139)
+        return {"loss": loss, "steps": number_option(conf, "steps", DEFAULTS["steps"], int, 1, 100_000),
+                "n_images": number_option(conf, "n_images", DEFAULTS["n_images"], int, 8, 60_000),
+                "batch": number_option(conf, "batch", DEFAULTS["batch"], int, 2, 4096),
+                "lr": number_option(conf, "lr", DEFAULTS["lr"], float, 1e-8, 1.0),
+                "seed": number_option(conf, "seed", DEFAULTS["seed"], int, 0, 139)}
+
+    def __call__(self, request, datastore=None):
+        conf = self.parse(request)
+        loss, steps, n_images, batch, lr, seed = (conf[k] for k in ("loss", "steps", "n_images", "batch", "lr", "seed"))
         base = self.clip.path
         start = time.time()
         self.write_stats(status="RUNNING", start_ts=int(start), total_time="0s", loss=loss, steps=steps,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from clinlens.data.conventions import RequestError, choice_option, number_option
 from clinlens.models.clip import load_clip
 from clinlens.models.region_clip import region_path
 from clinlens.trainers.region_seg import label_examples, train_region, train_region_ddp
@@ -38,8 +39,20 @@ class RegionSegTrain(StatsTrainTask):
         return {"steps": 200, "batch": 8, "lr": 5e-4, "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "multi_gpu": True}
 
-    def __call__(self, request, datastore):
+    def parse(self, request: dict) -> dict:
+        """The request's options, checked before any work (the server calls it before starting training)."""
         conf = self.options(request)
+        device = str(choice_option(conf, "device", self.config()["device"]))
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise RequestError(f"'device' must be cpu or cuda[:N], got {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RequestError("'device' cuda: this server has no GPU (use cpu)")
+        return {"steps": number_option(conf, "steps", 200, int, 1), "batch": number_option(conf, "batch", 8, int, 1),
+                "lr": number_option(conf, "lr", 5e-4, float, 0, 1), "device": device,
+                "multi_gpu": str(conf["multi_gpu"]).lower() == "true"}
+
+    def __call__(self, request, datastore):
+        conf = self.parse(request)
         ids = datastore.get_labeled_images()
         if not ids:
             raise ValueError("no final labels in the datastore to train region_seg from")
@@ -50,11 +63,11 @@ class RegionSegTrain(StatsTrainTask):
         init = self.publish_path if self.publish_path.is_file() else region_path(self.clip.path)
         start = time.time()
         self.write_stats(status="RUNNING", start_ts=int(start), total_time="0s", images=len(ids), objects=len(examples))
-        kw = dict(steps=int(conf["steps"]), batch=int(conf["batch"]), lr=float(conf["lr"]),
+        kw = dict(steps=conf["steps"], batch=conf["batch"], lr=conf["lr"],
                   init=init if init.is_file() else None, progress=True,
                   extra={"source": "datastore final labels", "images": len(ids)})
         gpus = torch.cuda.device_count() if str(conf["device"]).startswith("cuda") else 0
-        if gpus > 1 and str(conf["multi_gpu"]).lower() == "true":
+        if gpus > 1 and conf["multi_gpu"]:
             summary = train_region_ddp(self.clip.path, examples, self.publish_path, world_size=gpus, backend="nccl", **kw)
         else:
             summary = train_region(load_clip(self.clip.path, device=conf["device"]), examples, self.publish_path, **kw)
