@@ -141,6 +141,25 @@ def test_prompt_classify_returns_classes_and_concept_weights(server):
     assert requests.get(server.url + "/info/").json()["models"]["prompt_classify"]["type"] == "classification"
 
 
+def test_a_volume_without_a_slice_is_read_on_its_strongest_slice(server, studies):
+    """OHIF sends no `slice`: the concept tasks read the slice whose strongest concept scores highest (within an
+    roi's slices when there is an roi), and say which."""
+    image = first(server, "ct")
+    depth, H, W = sitk.GetArrayFromImage(sitk.ReadImage(str(studies / f"{image}.nii.gz"))).shape
+    auto, parts = concepts_json(server, image, {})
+    k = auto["slice"]
+    top = lambda z: concepts_json(server, image, {"slice": z})[0]["concepts"][0]["score"]  # noqa: E731
+    assert auto["concepts"][0]["score"] == top(k)
+    assert all(top(z) <= top(k) for z in {0, depth // 4, depth // 2, 3 * depth // 4, depth - 1})
+    p = server.tmp / "auto_frame.nii.gz"
+    p.write_bytes(parts["image"].content)
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+    assert lab[k].any() and not np.delete(lab, k, axis=0).any()  # the thin frame sits on that slice
+    z0 = 0 if k > depth // 2 else depth - 3  # an roi away from it: the search keeps to the roi's slices
+    inside, _ = concepts_json(server, image, {"roi": [0, W - 1, 0, H - 1, z0, z0 + 2]})
+    assert z0 <= inside["slice"] <= z0 + 2
+
+
 def test_concepts_on_a_chosen_ct_slice(server):
     image = first(server, "ct")
     res, parts = concepts_json(server, image, {"slice": 3})

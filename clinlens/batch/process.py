@@ -300,20 +300,10 @@ def run_segment(models: Models, image, key: str, prompts, threshold: float) -> t
 def run_classify(models: Models, vol: np.ndarray, family: str, batch: int = 8) -> dict:
     """CSR on every slice; the key slice is the one with the strongest concept evidence. Class
     probabilities are the key slice's; concept scores are the max over slices (with their slice)."""
-    import torch
-
-    from clinlens.data.image_io import to_unit_rgb
+    from clinlens.infer.concepts import csr_over_slices
 
     model = models.csr.get(family)
-    bundle = models.clip.get()
-    probs, cscores = [], []
-    with torch.no_grad():
-        for z0 in range(0, vol.shape[0], batch):
-            planes = np.stack([to_unit_rgb(vol[z]) for z in range(z0, min(vol.shape[0], z0 + batch))])
-            out = model(bundle.pixel_values(planes, model.image_size))
-            probs.append(out["logits"].softmax(-1).float().cpu().numpy())
-            cscores.append(out["concept_scores"].float().cpu().numpy())
-    probs, cscores = np.concatenate(probs), np.concatenate(cscores)
+    probs, cscores = csr_over_slices(model, models.clip.get(), vol, batch)
     key = int(np.argmax(cscores.max(1)))
     order = np.argsort(-probs[key])
     classes = [{"class": model.classes[i], "probability": round(float(probs[key, i]), 4)} for i in order]

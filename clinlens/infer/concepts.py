@@ -10,7 +10,8 @@
   names carry the concept and its score ("pigment network 0.71"), so stock viewers show the reasoning.
 - `prompt_classify` (classification): the ClinCoCoOp classifier, its concept weights α in the JSON.
 
-Both work on 2D images and on a chosen `slice` of a volume. One CSR model per image family
+Both work on 2D images and on a chosen `slice` of a volume; given none (OHIF sends none), on the slice
+whose strongest concept scores highest (within an roi's slices). One CSR model per image family
 (`clinlens.trainers.concepts.csr_file`): the published one in `model_dir`, else the shipped one
 beside the CLIP weights; reloaded when the file changes.
 """
@@ -88,6 +89,19 @@ def _boxes(request, hw, S: int, roi) -> tuple[list, list]:
     return [scale(b) for b in pos], [scale(b) for b in neg]
 
 
+def csr_over_slices(model, bundle, volume: np.ndarray, batch: int = 8, reject=None) -> tuple[np.ndarray, np.ndarray]:
+    """CSR on every axial slice of a grey volume (D, H, W), `batch` slices at a time -> class probabilities
+    (D, C) and concept scores (D, K), rejected concepts zeroed."""
+    probs, cscores = [], []
+    with torch.no_grad():
+        for z0 in range(0, volume.shape[0], batch):
+            planes = np.stack([to_unit_rgb(volume[z]) for z in range(z0, min(volume.shape[0], z0 + batch))])
+            out = model(bundle.pixel_values(planes, model.image_size), reject_concepts=reject or None)
+            probs.append(out["logits"].softmax(-1).float().cpu().numpy())
+            cscores.append(out["concept_scores"].float().cpu().numpy())
+    return np.concatenate(probs), np.concatenate(cscores)
+
+
 def _atlas_entry(entry: dict | None, S: int) -> dict | None:
     """An atlas entry with `box_relative`: its box (model-input pixels, training images are resized to S x S)
     as fractions [x0, y0, x1, y1] of that training image's width and height, to draw on the image itself."""
@@ -104,18 +118,31 @@ class _ConceptTask(ClinlensInfer):
     def evaluate(self, request, image):
         """(plane, slice, CSRModel, forward outputs) for the request."""
         p = parse_prompts(request, image.size_ijk, dimension=2)
-        plane = slice_2d(image.array, p.slice, image.is_rgb)
         model = self.csr.get(family_of(image))
         raw = request.get("reject_concepts")
         reject = [] if raw in (None, "", []) else name_list(raw, "reject_concepts", model.concepts, "concept")
         alpha = number_option(request, "alpha", model.config["alpha"], float, 0, 1)
+        k = p.slice
+        if k is None and len(image.spatial_shape) == 3 and image.spatial_shape[0] > 1:
+            k = self.strongest_slice(model, image, p.roi, reject)
+        plane = slice_2d(image.array, k, image.is_rgb)
         pos, neg = _boxes(request, plane.shape[:2], model.image_size, p.roi)
         bundle = self.csr.clip.get()
         with torch.no_grad():
             out = model(bundle.pixel_values(to_unit_rgb(plane), model.image_size), pos_boxes=pos or None, neg_boxes=neg or None,
                         alpha=alpha, reject_concepts=reject or None)
         out["rejected"] = reject
-        return plane, p.slice, model, out
+        out["slice"] = k
+        return plane, k, model, out
+
+    def strongest_slice(self, model, image, roi, reject) -> int:
+        """A volume given no `slice` (OHIF sends none): the axial slice whose strongest kept concept scores
+        highest (batch's key slice, `clinlens.batch.process.run_classify`), among the roi's slices if any."""
+        k0, k1 = (int(roi[2, 0]), int(roi[2, 1])) if roi is not None and len(roi) == 3 else (0, image.spatial_shape[0])
+        _, scores = csr_over_slices(model, self.csr.clip.get(), image.array[k0:k1], reject=reject)
+        if reject:
+            scores[:, model.concept_index(reject)] = -np.inf
+        return k0 + int(scores.max(1).argmax())
 
     @staticmethod
     def evidence_box(model, out, j: int, hw) -> list[int]:
@@ -157,6 +184,7 @@ class ConceptsInfer(_ConceptTask):
                     for c, s in zip(model.concepts, cscore)]
         concepts.sort(key=lambda d: ("rejected" in d, -d["score"]))  # rejected ones last, whatever their score
         result = {"label_names": {label: 1}, "classes": classes, "concepts": concepts, "prototypes": protos,
+                  **({"slice": k} if k is not None else {}),
                   "latencies": {"model_ms": round(1000 * (time.perf_counter() - t0), 1)}}
         return place_2d(frame_mask(plane.shape[:2]), image.spatial_shape, k), result
 
@@ -192,7 +220,8 @@ class ConceptRegionsInfer(_ConceptTask):
             regions.append({"concept": model.concepts[ci], "score": round(float(cscore[ci]), 4), "label": idx,
                             "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                             "prototype_id": int(model.proto_ids[j])})
-        return place_2d(lab, image.spatial_shape, k), {"label_names": names, "regions": regions}
+        return place_2d(lab, image.spatial_shape, k), {"label_names": names, "regions": regions,
+                                                        **({"slice": k} if k is not None else {})}
 
 
 class PromptClassifyInfer(ClinlensInfer):
