@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -66,6 +65,7 @@ def cmd_prune(a) -> int:
     where the running server picks it up. The shipped file beside the CLIP weights is never overwritten
     unless named with `--out`. A model trained on the datastore is refused: a phantom refit would undo its
     training (the train task's `prune` option refits it on the datastore)."""
+    from clinlens.models.checkpoint import summary
     from clinlens.models.clip import load_clip
     from clinlens.models.csr import CSRModel
     from clinlens.server import APP_DIR
@@ -78,8 +78,7 @@ def cmd_prune(a) -> int:
     if not src.is_file():
         print(f"no {a.family} concept model at {src}", file=sys.stderr)
         return 2
-    record = (json.loads(src.with_suffix(".json").read_text()) if src.with_suffix(".json").is_file() else {})
-    if (record.get("training") or {}).get("source") == "datastore":
+    if (summary(src).get("training") or {}).get("source") == "datastore":
         print(f"{src} was trained on the datastore; this command refits its head on phantoms, which would undo "
               f"that. Prune it where it learned: POST /train/concepts with {{\"prune\": {{\"{a.family}\": "
               f"{sorted(set(a.ids))}}}}} (or the feedback's pruned_prototypes)", file=sys.stderr)

@@ -178,8 +178,7 @@ class MyApp(MONAILabelApp):
         from monailabel.endpoints import train as train_api
 
         def train_model(model: str, params: dict | None = Body(None), run_sync: bool | None = False,
-                              enqueue: bool | None = False,
-                              user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+                        enqueue: bool | None = False, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
             parse = getattr(self._trainers.get(model), "parse", None)
             if parse is not None:
                 parse(params or {})

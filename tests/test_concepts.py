@@ -465,6 +465,7 @@ def test_a_concept_added_by_text_learns_from_its_drawn_segment_and_is_served(stu
 
     from clinlens.activelearning.feedback import validate_feedback
     from clinlens.data.conventions import RequestError
+    from clinlens.data.image_io import load_image
     from clinlens.data.studies import LABELS
     from clinlens.infer.concepts import ConceptsInfer, LazyCSR
     from clinlens.models.clip import LazyClip
@@ -497,7 +498,7 @@ def test_a_concept_added_by_text_learns_from_its_drawn_segment_and_is_served(stu
     new = set(out["added_prototypes"])
     assert new <= set(model.proto_ids.tolist()) and {e["prototype_id"] for e in model.atlas} >= new
     # served: scored, rejectable by name, and a valid feedback name for derm images
-    res = ConceptsInfer(csr).run({"reject_concepts": ["Regression Structures"]}, load_image_for_test(ds, derm[0]))[1]
+    res = ConceptsInfer(csr).run({"reject_concepts": ["Regression Structures"]}, load_image(ds.get_image_uri(derm[0])))[1]
     assert res["concepts"][-1] == {"concept": "regression structures", "score": 0, "rejected": True}
     assert validate_feedback({"reject_concepts": "regression structures"}, model.concepts, DERM_DIAGNOSES)
     with pytest.raises(RequestError, match="unknown concept"):
@@ -505,9 +506,3 @@ def test_a_concept_added_by_text_learns_from_its_drawn_segment_and_is_served(stu
     # sending the option again with the next training adds nothing twice
     again = task({"steps": 1, "add_concepts": {"derm": ["regression structures"]}}, ds)["derm"]
     assert "added_concepts" not in again and csr.get("derm").concepts == model.concepts
-
-
-def load_image_for_test(ds, image_id):
-    from clinlens.data.image_io import load_image
-
-    return load_image(ds.get_image_uri(image_id))

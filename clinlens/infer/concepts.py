@@ -2,7 +2,8 @@
 
 - `concepts` (classification): class probabilities, per-concept scores (rejected concepts last, marked
   `rejected`) and the top prototypes with their atlas references (the training image and box, also as
-  fractions of that image: `box_relative`) and evidence boxes (where the score's maximum lies). Honours Slicer's `roi` (a positive box), a `boxes` list
+  fractions of that image: `box_relative`) and evidence boxes (where the score's maximum lies).
+  Honours Slicer's `roi` (a positive box), a `boxes` list
   ([{"box": [x0, y0, x1, y1], "polarity": "positive" | "negative"}], image pixels, half-open),
   `reject_concepts` and `alpha`. A thin frame labelmap named after the top class comes back too
   (stock Slicer crashes on JSON-only replies).
@@ -132,7 +133,6 @@ class _ConceptTask(ClinlensInfer):
             out = model(bundle.pixel_values(to_unit_rgb(plane), model.image_size), pos_boxes=pos or None, neg_boxes=neg or None,
                         alpha=alpha, reject_concepts=reject or None)
         out["rejected"] = reject
-        out["slice"] = k
         return plane, k, model, out
 
     def strongest_slice(self, model, image, roi, reject) -> int:

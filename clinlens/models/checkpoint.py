@@ -36,6 +36,12 @@ def publish(path, state: dict, meta: dict, info: dict) -> Path:
     return path
 
 
+def summary(path) -> dict:
+    """The JSON summary published beside the checkpoint at `path` ({} when there is none)."""
+    meta = Path(path).with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def read(path, fmt: str, what: str, hint: str) -> tuple[dict, dict]:
     """(metadata, tensors) of a checkpoint of format `fmt`; clear errors for a missing or foreign file."""
     from safetensors import safe_open

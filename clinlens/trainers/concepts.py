@@ -14,7 +14,6 @@ then the prototype atlas; optional prototype pruning with a refit of the task he
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from clinlens.data.image_io import to_unit_rgb
 from clinlens.data.phantoms import (CHEST_DIAGNOSES, CHEST_FINDINGS, CT_DIAGNOSES, CT_FINDINGS, DERM_CONCEPTS,
                                     DERM_DIAGNOSES, make_chest, make_ct, make_derm)
+from clinlens.models import checkpoint
 from clinlens.models.csr import CSRModel
 
 CSR_FAMILIES = {"derm": (DERM_CONCEPTS, DERM_DIAGNOSES), "chest": (CHEST_FINDINGS, CHEST_DIAGNOSES),
@@ -44,10 +44,9 @@ def shipped_training_record(model_dir, family: str, n_images: int = DEFAULTS["n_
     """The training record (from its JSON summary) of the CSR file of `family` in `model_dir` when it is the
     training `train_concept_models_default` gives it today (`n_images` phantoms, seed 0, default steps, `SHIPPED`
     settings, unpruned); None otherwise."""
-    p = csr_file(model_dir, family).with_suffix(".json")
-    if not p.is_file():
+    info = checkpoint.summary(csr_file(model_dir, family))
+    if not info:
         return None
-    info = json.loads(p.read_text())
     rec, cfg = info.get("training", {}), info.get("config", {})
     base = {"input_size": 224, "finetune_backbone": False}  # older files have no input_size
     have = {**base, **cfg, **{k: rec[k] for k in ("backbone_lr",) if k in rec}}

@@ -32,6 +32,7 @@ from clinlens.activelearning.feedback import FEEDBACK_KEY, canonical_name, proto
 from clinlens.data.conventions import RequestError, choice_option, number_option
 from clinlens.data.image_io import load_image, to_unit_rgb
 from clinlens.infer.base import family_of
+from clinlens.models import checkpoint
 from clinlens.trainers.concepts import CSR_FAMILIES, DEFAULTS, csr_file, train_csr
 from clinlens.trainers.prompt_learning import prompt_file, train_prompt_learner
 from clinlens.trainers.region_task import label_names
@@ -41,10 +42,8 @@ from clinlens.trainers.task import StatsTrainTask
 def family_concepts(csr, family: str) -> list[str]:
     """The concepts a family's current CSR model knows (`LazyCSR`; with any added by text), else the built-in
     ones. Read from the model's JSON sidecar: no model load."""
-    meta = csr.path(family).with_suffix(".json")
-    if meta.is_file():
-        return list(json.loads(meta.read_text())["config"]["concepts"])
-    return list(CSR_FAMILIES[family][0])
+    info = checkpoint.summary(csr.path(family))
+    return list(info["config"]["concepts"] if info else CSR_FAMILIES[family][0])
 
 
 def datastore_items(datastore, fallback_labels: dict, keep_region: str | None = None,
